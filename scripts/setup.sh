@@ -1,11 +1,14 @@
 #!/usr/bin/env bash
 # Creates .venv (if missing) and installs fracsde with every extra.
-# torch==2.13.0 is named in the same pip command so that this CPU machine takes the
-# CPU wheel; GPU users install with plain `pip install -e ".[all]"` instead.
+# torch==2.13.0 is named in the same pip command so that this CPU machine takes the CPU
+# wheel instead of a multi-GB CUDA build; GPU users run `pip install -e ".[all]"` instead.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
-.venv/bin/python -m pip install -q --disable-pip-version-check "torch==2.13.0" -e ".[all]" 2>&1 \
-  | grep -v "is neither a file nor a directory" || true
+log=$(mktemp)
+if ! .venv/bin/python -m pip install -q --disable-pip-version-check "torch==2.13.0" -e ".[all]" >"$log" 2>&1; then
+  grep -v "is neither a file nor a directory" "$log" >&2; rm -f "$log"; exit 1
+fi
+rm -f "$log"
 .venv/bin/python -c "import fracsde, torch; print(f'fracsde {fracsde.__version__} ready (torch {torch.__version__})')"
