@@ -324,7 +324,8 @@ class MarkovApproxFBM(nn.Module):
                     for i in range(K):
                         torch.mul(z[:, 0], L_host[i][0], out=out[:, i])
                         for j in range(1, K):
-                            out[:, i].add_(z[:, j], alpha=L_host[i][j])
+                            if L_host[i][j] != 0.0:        # Cholesky factors are lower triangular
+                                out[:, i].add_(z[:, j], alpha=L_host[i][j])
                 else:
                     torch.matmul(L[start - 1:stop - 1], z, out=out)
                 for n in range(start, stop):
@@ -346,11 +347,13 @@ class MarkovApproxFBM(nn.Module):
 def _psd_factor(cov: torch.Tensor) -> torch.Tensor:
     """A factor L with L Lᵀ = cov for (batched) PSD matrices that may be numerically singular.
 
-    The innovation covariance over a short step is ≈ h·11ᵀ (rank one), so Cholesky fails in
-    float64 for small γh; a symmetric eigen-factor with clamped eigenvalues does not.
+    Cholesky (lower triangular, so mixing normals costs K(K+1)/2 multiply-adds) where it succeeds in
+    float64; the innovation covariance over a very short step is ≈ h·11ᵀ (rank one) and Cholesky
+    fails there, so a symmetric eigen-factor with clamped eigenvalues is the fallback.
     """
     cov = cov.to(torch.float64)
+    L, info = torch.linalg.cholesky_ex(cov)
+    if not bool((info != 0).any()):
+        return L
     evals, evecs = torch.linalg.eigh(cov)
     return evecs * torch.sqrt(torch.clamp(evals, min=0.0))[..., None, :]
-
-
