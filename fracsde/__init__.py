@@ -2,6 +2,7 @@
 from ._warnings import FracsdeWarning, IllConditionedWarning
 from .fbm import FractionalBrownianMotion
 from .markov import MarkovApproxFBM, geometric_gammas, optimal_weights
+from .sde import FractionalSDE, NonFiniteStateError, StiffnessWarning, default_method, sdeint, supported_methods
 
 __version__ = "0.1.0"
 
@@ -12,4 +13,10 @@ __all__ = [
     "MarkovApproxFBM",
     "geometric_gammas",
     "optimal_weights",
+    "FractionalSDE",
+    "sdeint",
+    "NonFiniteStateError",
+    "StiffnessWarning",
+    "supported_methods",
+    "default_method",
 ]
