@@ -2,6 +2,8 @@
 from ._warnings import FracsdeWarning, IllConditionedWarning
 from .fbm import FractionalBrownianMotion
 from .markov import MarkovApproxFBM, geometric_gammas, optimal_weights
+from .linear import LinearFractionalDynamics, VESchedule, VPSchedule
+from .reverse import ReverseTimeSDE, euler_maruyama
 from .sde import FractionalSDE, NonFiniteStateError, StiffnessWarning, default_method, sdeint, supported_methods
 
 __version__ = "0.1.0"
@@ -19,4 +21,9 @@ __all__ = [
     "StiffnessWarning",
     "supported_methods",
     "default_method",
+    "LinearFractionalDynamics",
+    "VPSchedule",
+    "VESchedule",
+    "ReverseTimeSDE",
+    "euler_maruyama",
 ]

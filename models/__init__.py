@@ -1,0 +1,1 @@
+"""Models composed from the fracsde library (``models.gfdm``: generative fractional diffusion)."""

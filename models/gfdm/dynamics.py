@@ -1,0 +1,118 @@
+"""FVP and FVE: the fractional variance-preserving / variance-exploding dynamics of GFDM (Nobis et al. 2024).
+
+dX = μ(t) X dt + g(t) dB̂ per coordinate, B̂ the type II Markov approximation of fBM with K processes
+(γ geometric up to γ_max, ω L2-optimal for the Hurst index H, solved in float64). ``num_processes=0`` is
+B̂ = W, exactly VP / VE of Song et al. (2021). With ``normalize_weights`` (GFDM's default) ω is rescaled so
+that Var(X_T | x_0) equals that of the Brownian model (1 − c(T)² for FVP, σ_min²((σ_max/σ_min)² − 1) for FVE).
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+from fracsde import _validation as V
+from fracsde.linear import LinearFractionalDynamics, Schedule, VESchedule, VPSchedule, _lyapunov_covariance, \
+    _ve_covariance
+from fracsde.markov import MarkovApproxFBM
+
+__all__ = ["FVP", "FVE", "make_dynamics", "DYNAMICS_NAMES"]
+
+DYNAMICS_NAMES = ("vp", "ve", "fvp", "fve")
+
+
+class _Fractional(LinearFractionalDynamics):
+    family = ""
+
+    def __init__(self, schedule: Schedule, hurst: float, num_processes: int, gamma_max: float,
+                 normalize_weights: bool, grid_size: int):
+        V.check_positive_int(num_processes, "num_processes", 0)
+        V.check_hurst(hurst)
+        if num_processes > 0:
+            noise = MarkovApproxFBM(hurst=float(hurst), num_processes=num_processes, gamma_max=gamma_max,
+                                    kind="type2", horizon=schedule.horizon)
+            gammas, weights = noise.gammas.clone(), noise.weights.detach().clone()
+            approx_error = float(noise.approximation_error)
+        else:
+            gammas = weights = torch.zeros(0, dtype=torch.float64)
+            approx_error = 0.0
+        scale = 1.0
+        if normalize_weights and num_processes > 0:
+            scale = _terminal_scale(schedule, gammas.numpy(), weights.numpy())
+        super().__init__(schedule, gammas, weights * scale, grid_size=grid_size)
+        self.hurst = float(hurst)
+        self.gamma_max = float(gamma_max)
+        self.normalize_weights = bool(normalize_weights)
+        #: the factor applied to the L2-optimal weights (1 when not normalised)
+        self.weight_scale = scale
+        #: relative L2 error of the MA-fBM approximation (before normalisation)
+        self.approximation_error = approx_error
+        self.T = schedule.horizon
+
+    @property
+    def name(self) -> str:
+        """"VP"/"VE" for K = 0, else e.g. "FVP(H=0.9,K=3)"."""
+        if self.num_processes == 0:
+            return self.family[1:]
+        return f"{self.family}(H={self.hurst:g},K={self.num_processes})"
+
+    def extra_repr(self) -> str:
+        return (f"hurst={self.hurst:g}, num_processes={self.num_processes}, gamma_max={self.gamma_max:g}, "
+                f"normalize_weights={self.normalize_weights}, schedule={self.schedule!r}")
+
+
+def _terminal_scale(schedule: Schedule, gammas: np.ndarray, weights: np.ndarray) -> float:
+    """√(Var_Brownian(T) / Var_fractional(T)): X is linear in ω, so Var X_T scales with the square."""
+    T = np.array([schedule.horizon])
+    if schedule.closed_form == "ve":
+        var = _ve_covariance(schedule, gammas, weights, T)[0, 0, 0]
+    else:
+        var = _lyapunov_covariance(schedule, gammas, weights, T)[0, 0, 0]
+    target = float(schedule.brownian_variance(torch.tensor(schedule.horizon, dtype=torch.float64)))
+    if not var > 0:
+        raise ValueError("cannot normalise the weights: Var(X_T | x_0) is not positive")
+    return math.sqrt(target / var)
+
+
+class FVP(_Fractional):
+    """Fractional variance preserving: β(t) = β_min + (β_max − β_min) t/T, μ = −β/2, g = √β.
+
+    Args:
+        hurst: H ∈ (0, 1); num_processes: K ≥ 0 (0 = VP); gamma_max: largest OU rate;
+        normalize_weights: rescale ω so that Var(X_T | x_0) = 1 − c(T)² as for VP;
+        beta_min, beta_max, T: the schedule and the horizon; grid_size: knots of the coefficient tables.
+    """
+
+    family = "FVP"
+
+    def __init__(self, hurst: float = 0.9, num_processes: int = 3, gamma_max: float = 20.0,
+                 normalize_weights: bool = True, beta_min: float = 0.1, beta_max: float = 20.0, T: float = 1.0,
+                 grid_size: int = 2048):
+        super().__init__(VPSchedule(beta_min, beta_max, T), hurst, num_processes, gamma_max, normalize_weights,
+                         grid_size)
+
+
+class FVE(_Fractional):
+    """Fractional variance exploding: μ = 0, g = σ_min √(2 ln r / T) r^{t/T}, r = σ_max/σ_min.
+
+    Args as :class:`FVP`, with ``sigma_min``, ``sigma_max`` instead of β; K = 0 is VE.
+    """
+
+    family = "FVE"
+
+    def __init__(self, hurst: float = 0.9, num_processes: int = 3, gamma_max: float = 20.0,
+                 normalize_weights: bool = True, sigma_min: float = 0.01, sigma_max: float = 50.0, T: float = 1.0,
+                 grid_size: int = 2048):
+        super().__init__(VESchedule(sigma_min, sigma_max, T), hurst, num_processes, gamma_max, normalize_weights,
+                         grid_size)
+
+
+def make_dynamics(name: str, hurst: float = 0.9, num_processes: int = 3, **kwargs) -> _Fractional:
+    """Build dynamics by name: ``"vp"``, ``"ve"`` (K forced to 0), ``"fvp"``, ``"fve"``; kwargs go to the class."""
+    key = str(name).lower()
+    V.check_choice(key, "name", DYNAMICS_NAMES)
+    cls = FVP if key in ("vp", "fvp") else FVE
+    if key in ("vp", "ve"):
+        num_processes = 0
+    return cls(hurst=hurst, num_processes=num_processes, **kwargs)
