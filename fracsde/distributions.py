@@ -1,0 +1,765 @@
+"""Fractional processes as Pyro distributions over paths, with exact differentiable likelihoods.
+
+Two distributions, both with time inside ``event_shape`` and parameters batched Pyro-style:
+
+* :class:`FractionalBrownianPath` — exact fBM on a grid, a Gaussian over paths whose covariance is
+  written in torch (type I: closed form; type II: a quadrature accurate to ~1e−13), so ``log_prob``
+  is differentiable in the Hurst index and the scale. On ts = (δ, 2δ, …, nδ) with type I the
+  likelihood runs on the increments (fGn, Toeplitz) by Durbin–Levinson, O(n²); elsewhere it is a
+  dense Cholesky, O(n³), meant for n ≲ 2000.
+* :class:`FractionalOU` — dX = −θ(X − μ) dt + σ dB̂ with B̂ the Markov-approximated fBM (MA-fBM),
+  observed with N(0, obs_noise²) noise. The augmented state z = (X, Y_1..Y_K) is linear-Gaussian,
+  so the likelihood is exact by Kalman filtering, evaluated as a parallel (associative) scan in
+  covariance form: O(n) work, O(log n) depth, differentiable in every parameter including H.
+
+Why not ``pyro.distributions.GaussianHMM``: it works in information form and needs the Cholesky
+factor of the step covariance Q. For MA-fBM Q is almost rank one over short steps (one Brownian
+motion drives all K + 1 components): cond(Q) ≈ 1.4e18 at step 1/500 for K = 3 (measured), so the
+precision matrix does not exist in float64. The covariance-form scan of Särkkä & García-Fernández
+(2021, "Temporal parallelization of Bayesian smoothers") never inverts Q.
+"""
+from __future__ import annotations
+
+import functools
+import math
+from typing import Optional
+
+import numpy as np
+import torch
+from pyro.distributions import TorchDistribution, constraints
+from pyro.distributions.util import broadcast_shape
+from torch.distributions import biject_to, transform_to
+from torch.distributions.transforms import SigmoidTransform
+from torch.distributions.utils import lazy_property
+
+from . import _validation as V
+from .markov import geometric_gammas, optimal_weights
+
+__all__ = ["FractionalBrownianPath", "FractionalOU", "open_unit_interval", "x_covariance"]
+
+
+# ---------------------------------------------------------------------------------------- constraints
+class _OpenUnitInterval(constraints.Constraint):
+    """The open interval (0, 1): the Hurst index may not be 0 or 1."""
+
+    def check(self, value):
+        return (value > 0) & (value < 1)
+
+    def __repr__(self):
+        return "OpenUnitInterval()"
+
+
+open_unit_interval = _OpenUnitInterval()
+biject_to.register(_OpenUnitInterval)(lambda constraint: SigmoidTransform())
+transform_to.register(_OpenUnitInterval)(lambda constraint: SigmoidTransform())
+
+
+def _as_float64(value) -> torch.Tensor:
+    """A float64 tensor (Python numbers are converted directly, never through float32)."""
+    if isinstance(value, torch.Tensor):
+        return value.to(torch.float64)
+    return torch.as_tensor(value, dtype=torch.float64)
+
+
+def _result_dtype(*tensors) -> torch.dtype:
+    dtype = tensors[0].dtype
+    for t in tensors[1:]:
+        dtype = torch.promote_types(dtype, t.dtype)
+    return dtype if dtype.is_floating_point else torch.get_default_dtype()
+
+
+# ---------------------------------------------------------------------------------------- exact fBM
+def _rl_covariance(hurst: torch.Tensor, s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """Riemann–Liouville Cov(B_s, B_t), differentiable in H, s and t (float64, broadcasting).
+
+    Off the diagonal, with v = s − u, d = |t − s| and the substitution v = min(s,t)·σ(−x) (x ∈ ℝ),
+        Γ(H+½)² Cov = ∫_0^{min} v^a (v + d)^a dv,   a = H − ½,
+    becomes an integral over ℝ of a function analytic in the strip |Im x| < π that decays like
+    e^{x} on the left and e^{−(H+½)x} on the right, so the plain trapezoid rule converges
+    geometrically (error ∝ e^{−2π²/step}). With step ½ it agrees with scipy's ₂F₁ and with
+    30-digit mpmath quadrature to ~5e−14 relative (tested). The diagonal uses the closed form
+    t^{2H} / (2H Γ(H+½)²), where the integrand would decay only like e^{−2Hx}.
+    """
+    step = 0.5
+    lo = torch.minimum(s, t)
+    d = (t - s).abs()
+    lo, d, hurst = torch.broadcast_tensors(lo, d, hurst)
+    a = hurst - 0.5
+    positive_d = d > 0
+    # right cut-off: past the kink at x = log(min/d) the integrand decays at rate H + ½ ≥ ½
+    h_min = float(hurst.detach().min()) if hurst.numel() else 0.5
+    ratio = (lo / torch.where(positive_d, d, torch.ones_like(d))).detach()
+    kink = float(torch.log(ratio.clamp(min=1.0)).max()) if ratio.numel() else 0.0
+    x = torch.arange(-40.0, kink + 40.0 / (h_min + 0.5) + step, step, dtype=torch.float64, device=lo.device)
+    sp_pos = torch.nn.functional.softplus(x)     # −log σ(−x)
+    sp_neg = torch.nn.functional.softplus(-x)    # −log σ(x)
+    safe_lo = torch.where(lo > 0, lo, torch.ones_like(lo))
+    safe_d = torch.where(positive_d, d, torch.ones_like(d))
+    log_lo = torch.log(safe_lo)[..., None]
+    log_v = log_lo - sp_pos                        # log v(x)
+    a_ = a[..., None]
+    log_f = log_lo + a_ * log_v + a_ * torch.log(torch.exp(log_v) + safe_d[..., None]) - sp_pos - sp_neg
+    off_diag = torch.exp(log_f).sum(-1) * step
+    diag = safe_lo ** (2 * hurst) / (2 * hurst)
+    integral = torch.where(positive_d, off_diag, diag)
+    integral = torch.where(lo > 0, integral, torch.zeros_like(integral))
+    return integral / torch.exp(2 * torch.lgamma(hurst + 0.5))
+
+
+def _uniform_step(ts: torch.Tensor) -> Optional[float]:
+    """δ if ts is an arithmetic progression (within round-off), else None."""
+    if ts.numel() < 3:
+        return None
+    d = torch.diff(ts)
+    return float(d[0]) if bool(torch.allclose(d, d[:1].expand_as(d), rtol=1e-10, atol=0)) else None
+
+
+@functools.lru_cache(maxsize=8)
+def _toeplitz_index(n: int, device) -> torch.Tensor:
+    idx = torch.arange(n, device=device)
+    return (idx[:, None] - idx[None, :]).abs()
+
+
+def _fbm_covariance(hurst: torch.Tensor, ts: torch.Tensor, kind: str) -> torch.Tensor:
+    """(*hurst.shape, n, n) exact covariance of fBM at the times ``ts`` (float64)."""
+    h = hurst[..., None, None]
+    if kind == "type2":
+        return _rl_covariance(h, ts[:, None], ts[None, :])
+    h2 = 2 * hurst[..., None]
+    power = ts ** h2                                         # (*B, n)
+    step = _uniform_step(ts)
+    if step is not None:
+        # |t_i − t_j| = |i − j| δ: n distinct powers instead of n², gathered into a Toeplitz matrix
+        n = ts.numel()
+        lag_power = (step * torch.arange(n, dtype=ts.dtype, device=ts.device)) ** h2     # (*B, n)
+        lag = lag_power[..., _toeplitz_index(n, ts.device)]
+    else:
+        lag = (ts[:, None] - ts[None, :]).abs() ** h2[..., None]
+    return 0.5 * (power[..., :, None] + power[..., None, :] - lag)
+
+
+class _GaussianLogDensity(torch.autograd.Function):
+    """log N(x; 0, C) with a hand-written backward: ∂/∂C = ½(ααᵀ − C⁻¹), ∂/∂x = −α, α = C⁻¹x.
+
+    Autograd through Cholesky + triangular solve costs ~10× the forward pass at n = 500
+    (measured); this backward is one ``cholesky_inverse``. A failed Cholesky (numerically
+    singular C) gives −inf and zero gradients, so an MCMC proposal there is simply rejected.
+    """
+
+    @staticmethod
+    def forward(ctx, C, x):
+        L, info = torch.linalg.cholesky_ex(C)
+        bad = info > 0
+        eye = torch.eye(C.shape[-1], dtype=C.dtype, device=C.device)
+        L = torch.where(bad[..., None, None], eye, L)
+        batch = broadcast_shape(x.shape[:-1], C.shape[:-2])
+        xb = x.expand(batch + x.shape[-1:])
+        alpha = torch.cholesky_solve(xb.unsqueeze(-1), L.expand(batch + L.shape[-2:])).squeeze(-1)
+        n = C.shape[-1]
+        lp = (-0.5 * (xb * alpha).sum(-1) - torch.log(L.diagonal(dim1=-2, dim2=-1)).sum(-1)
+              - 0.5 * n * math.log(2 * math.pi))
+        lp = torch.where(bad.expand(batch), torch.full_like(lp, -math.inf), lp)
+        ctx.save_for_backward(L, alpha, bad)
+        ctx.shapes = (C.shape, x.shape)
+        return lp
+
+    @staticmethod
+    def backward(ctx, grad):
+        L, alpha, bad = ctx.saved_tensors
+        C_shape, x_shape = ctx.shapes
+        ok = (~bad).to(grad.dtype).expand(grad.shape)
+        g = grad * ok
+        grad_C = grad_x = None
+        if ctx.needs_input_grad[0]:
+            outer = (g[..., None, None] * alpha[..., :, None] * alpha[..., None, :]).sum_to_size(C_shape)
+            inv = torch.cholesky_inverse(L)
+            weight = g.sum_to_size(C_shape[:-2]) if len(C_shape) > 2 else g.sum()
+            grad_C = 0.5 * (outer - weight[..., None, None] * inv)
+        if ctx.needs_input_grad[1]:
+            grad_x = (-g[..., None] * alpha).sum_to_size(x_shape)
+        return grad_C, grad_x
+
+
+def _durbin(r: np.ndarray):
+    """Durbin–Levinson on autocovariances r (n,): first column of T⁻¹ and log det T, O(n²)."""
+    n = r.shape[0]
+    phi = np.zeros(max(n - 1, 0))
+    v = r[0]
+    if not (v > 0 and np.isfinite(r).all()):
+        return None, -math.inf
+    logdet = math.log(v)
+    for m in range(1, n):
+        kappa = (r[m] - phi[: m - 1] @ r[m - 1:0:-1]) / v
+        phi[: m - 1] -= kappa * phi[: m - 1][::-1].copy()
+        phi[m - 1] = kappa
+        v *= 1.0 - kappa * kappa
+        if not v > 0:           # not positive definite (numerically): |κ| ≥ 1
+            return None, -math.inf
+        logdet += math.log(v)
+    return np.concatenate([[1.0], -phi]) / v, logdet
+
+
+class _ToeplitzGaussianLogDensity(torch.autograd.Function):
+    """log N(x; 0, T) for a symmetric Toeplitz T = toeplitz(r), in O(n²) time and O(n) memory.
+
+    Durbin–Levinson gives log det T and a = T⁻¹e₁; the Gohberg–Semencul formula
+    T⁻¹ = (L(a)L(a)ᵀ − L(b)L(b)ᵀ)/a₀ (L(c): lower-triangular Toeplitz with first column c,
+    b = (0, a_{n−1}, …, a₁)) then gives α = T⁻¹x by four Toeplitz products, and the diagonal
+    sums S_k = Σ_i (T⁻¹)_{i+k,i} that the gradient needs:
+        ∂/∂r_k = ½ Σ_{|i−j|=k} α_iα_j − ½ Σ_{|i−j|=k} (T⁻¹)_{ij}.
+    Runs in numpy (the Durbin loop is sequential); r has shape (*B, n), x (*S, *B, n).
+    A covariance that is not positive definite gives −inf and zero gradients.
+    """
+
+    @staticmethod
+    def forward(ctx, r, x):
+        batch = broadcast_shape(x.shape[:-1], r.shape[:-1])
+        n = r.shape[-1]
+        rb = r.detach().expand(batch + (n,)).reshape(-1, n).cpu().numpy()
+        xb = x.detach().expand(batch + (n,)).reshape(-1, n).cpu().numpy()
+        lags = np.arange(n)
+        lp = np.empty(rb.shape[0])
+        grad_r = np.zeros_like(rb)
+        alpha = np.zeros_like(xb)
+        cache = {}
+        for i in range(rb.shape[0]):
+            key = rb[i].tobytes()
+            if key not in cache:
+                a, logdet = _durbin(rb[i])
+                S = None
+                if a is not None:
+                    b = np.concatenate([[0.0], a[:0:-1]])
+                    S = (_diag_sums(a, lags) - _diag_sums(b, lags)) / a[0]
+                cache[key] = (a, logdet, S)
+            a, logdet, S = cache[key]
+            if a is None:
+                lp[i] = -math.inf
+                continue
+            b = np.concatenate([[0.0], a[:0:-1]])
+            xi = xb[i]
+            al = (_lt_mul(a, _lt_t_mul(a, xi)) - _lt_mul(b, _lt_t_mul(b, xi))) / a[0]
+            alpha[i] = al
+            lp[i] = -0.5 * (xi @ al) - 0.5 * logdet - 0.5 * n * math.log(2 * math.pi)
+            quad = np.correlate(al, al, "full")[n - 1:]
+            g = 0.5 * quad - 0.5 * S
+            g[1:] *= 2.0
+            grad_r[i] = g
+        to = dict(dtype=r.dtype, device=r.device)
+        ctx.save_for_backward(torch.as_tensor(grad_r, **to).reshape(batch + (n,)),
+                              torch.as_tensor(alpha, **to).reshape(batch + (n,)))
+        ctx.shapes = (r.shape, x.shape)
+        return torch.as_tensor(lp, **to).reshape(batch)
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad_r_full, alpha = ctx.saved_tensors
+        r_shape, x_shape = ctx.shapes
+        grad_r = grad_x = None
+        if ctx.needs_input_grad[0]:
+            grad_r = (grad[..., None] * grad_r_full).sum_to_size(r_shape)
+        if ctx.needs_input_grad[1]:
+            grad_x = (-grad[..., None] * alpha).sum_to_size(x_shape)
+        return grad_r, grad_x
+
+
+def _lt_t_mul(c: np.ndarray, x: np.ndarray) -> np.ndarray:
+    """L(c)ᵀ x for the lower-triangular Toeplitz L(c) with first column c."""
+    return np.correlate(x, c, "full")[c.shape[0] - 1:]
+
+
+def _lt_mul(c: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """L(c) y."""
+    return np.convolve(c, y)[: c.shape[0]]
+
+
+def _diag_sums(c: np.ndarray, lags: np.ndarray) -> np.ndarray:
+    """S_k = Σ_i (L(c)L(c)ᵀ)_{i+k,i} = Σ_p (n − k − p) c_p c_{p+k}, k = 0..n−1."""
+    n = c.shape[0]
+    c1 = np.correlate(c, c, "full")[n - 1:]
+    c2 = np.correlate(c, lags * c, "full")[n - 1:]
+    return (n - lags) * c1 - c2
+
+
+class FractionalBrownianPath(TorchDistribution):
+    r"""Exact fractional Brownian motion observed on a grid: ``scale · B_H(ts)``, a Gaussian over paths.
+
+    Args:
+        hurst: Hurst index in (0, 1), a float or a tensor (its shape joins the batch shape).
+        ts: strictly increasing, strictly positive times, shape (n,). B_0 = 0 almost surely, so
+            t = 0 carries no randomness and is rejected (drop it; the path starts at 0).
+        kind: ``"type1"`` (standard, Mandelbrot–van Ness) or ``"type2"`` (Riemann–Liouville).
+        scale: > 0, multiplies the path (batched like ``hurst``).
+
+    ``log_prob`` and ``rsample`` are differentiable in ``hurst`` and ``scale`` for both kinds.
+    On the grid ts = (δ, 2δ, …, nδ) with kind type I, ``log_prob`` works on the increments
+    (fractional Gaussian noise, a Toeplitz covariance) by Durbin–Levinson: O(n²) time, O(n)
+    memory. Otherwise the covariance is dense and factorised by Cholesky: O(n³).
+
+    Example:
+        >>> ts = torch.arange(1, 501, dtype=torch.float64) / 500
+        >>> d = FractionalBrownianPath(torch.tensor(0.7, dtype=torch.float64), ts)
+        >>> x = d.sample()                     # (500,)
+        >>> d.log_prob(x)                      # 0-d, differentiable in hurst
+    """
+
+    arg_constraints = {"hurst": open_unit_interval, "scale": constraints.positive}
+    support = constraints.independent(constraints.real, 1)
+    has_rsample = True
+
+    def __init__(self, hurst, ts, kind: str = "type1", scale=1.0, validate_args=None):
+        self.kind = V.check_kind(kind)
+        ts = V.as_times(ts, dtype=torch.float64)
+        if bool(ts[0] <= 0):
+            raise ValueError("ts must be strictly positive: fBM is 0 at t = 0 with zero variance, so a Gaussian "
+                             f"density there does not exist; drop t = 0 from the grid (got ts[0] = {float(ts[0])})")
+        self.ts = ts.to(torch.float64)
+        self.hurst, self.scale = torch.broadcast_tensors(_as_float64(hurst), _as_float64(scale))
+        self._dtype = _result_dtype(torch.as_tensor(hurst), torch.as_tensor(scale))
+        super().__init__(self.hurst.shape, torch.Size([ts.numel()]), validate_args=validate_args)
+
+    def expand(self, batch_shape, _instance=None):
+        new = self._get_checked_instance(FractionalBrownianPath, _instance)
+        batch_shape = torch.Size(batch_shape)
+        new.kind, new.ts, new._dtype = self.kind, self.ts, self._dtype
+        new.hurst = self.hurst.expand(batch_shape)
+        new.scale = self.scale.expand(batch_shape)
+        super(FractionalBrownianPath, new).__init__(batch_shape, self.event_shape, validate_args=False)
+        new._validate_args = self.__dict__.get("_validate_args")
+        return new
+
+    @property
+    def mean(self) -> torch.Tensor:
+        return self.hurst.new_zeros(self.batch_shape + self.event_shape)
+
+    @property
+    def variance(self) -> torch.Tensor:
+        return self.covariance_matrix.diagonal(dim1=-2, dim2=-1)
+
+    @lazy_property
+    def covariance_matrix(self) -> torch.Tensor:
+        """(*batch, n, n) covariance, float64."""
+        return self.scale[..., None, None] ** 2 * _fbm_covariance(self.hurst, self.ts, self.kind)
+
+    @lazy_property
+    def scale_tril(self) -> torch.Tensor:
+        return torch.linalg.cholesky(self.covariance_matrix)
+
+    @lazy_property
+    def _toeplitz_step(self) -> Optional[float]:
+        """δ when ts = (δ, 2δ, …, nδ) and kind is type I: the increments are then stationary (fGn)."""
+        if self.kind != "type1":
+            return None
+        step = _uniform_step(self.ts)
+        if step is None or abs(float(self.ts[0]) - step) > 1e-10 * step:
+            return None
+        return step
+
+    def log_prob(self, value):
+        if self._validate_args:
+            self._validate_sample(value)
+        x = _as_float64(value)
+        step = self._toeplitz_step
+        if step is None:
+            lp = _GaussianLogDensity.apply(self.covariance_matrix, x)
+        else:
+            # standard fBM on ts = kδ: the increments form fGn, whose covariance is Toeplitz, and
+            # the map path -> increments has unit Jacobian; O(n²) instead of O(n³)
+            incr = torch.diff(x, dim=-1, prepend=x.new_zeros(x.shape[:-1] + (1,)))
+            k = torch.arange(self.ts.numel(), dtype=torch.float64, device=x.device)
+            h2 = 2 * self.hurst[..., None]
+            acov = 0.5 * ((k + 1) ** h2 - 2 * k ** h2 + (k - 1).abs() ** h2)
+            r = (self.scale[..., None] ** 2) * step ** h2 * acov
+            lp = _ToeplitzGaussianLogDensity.apply(r, incr)
+        return lp.to(_result_dtype(self.hurst.new_empty(0, dtype=self._dtype), torch.as_tensor(value)))
+
+    def rsample(self, sample_shape=torch.Size()):
+        shape = self._extended_shape(sample_shape)
+        eps = torch.randn(shape, dtype=torch.float64, device=self.ts.device)
+        x = (self.scale_tril @ eps.unsqueeze(-1)).squeeze(-1)
+        return x.to(self._dtype)
+
+
+# ---------------------------------------------------------------------------------------- fractional OU
+def _ma_weights(hurst: torch.Tensor, gammas: torch.Tensor, kind: str, horizon: float) -> torch.Tensor:
+    """(*hurst.shape, K) L2-optimal MA-fBM weights, differentiable in ``hurst`` (float64)."""
+    flat = hurst.reshape(-1)
+    rows = [optimal_weights(h, gammas, kind, horizon).weights for h in flat.unbind(0)]
+    return torch.stack(rows, 0).reshape(hurst.shape + gammas.shape)
+
+
+def _augmented_system(theta, sigma, weights, gammas):
+    """Drift matrix F (*B, D, D) and diffusion vector G (*B, D) of z = (X, Y_1..Y_K), D = K + 1.
+
+    dX = [−θX − σ Σ_k ω_k γ_k Y_k] dt + σ (Σ_k ω_k) dW,   dY_k = −γ_k Y_k dt + dW.
+    """
+    K = gammas.numel()
+    batch = weights.shape[:-1]
+    F = weights.new_zeros(batch + (K + 1, K + 1))
+    F[..., 0, 0] = -theta
+    F[..., 0, 1:] = -sigma[..., None] * weights * gammas
+    F[..., 1:, 1:] = torch.diag(-gammas)
+    G = torch.cat([(sigma * weights.sum(-1))[..., None], weights.new_ones(batch + (K,))], -1)
+    return F, G
+
+
+def _discretize(F: torch.Tensor, G: torch.Tensor, steps: torch.Tensor):
+    """Exact transition over each step h: A = e^{Fh} and Q = ∫_0^h e^{Fs} G Gᵀ e^{Fᵀs} ds.
+
+    F (*B, D, D), G (*B, D), steps (S,) ≥ 0  →  A, Q of shape (*B, S, D, D), float64.
+    Van Loan: expm([[−F, GGᵀ], [0, Fᵀ]] h) = [[·, M12], [0, M22]], A = M22ᵀ, Q = A M12. The
+    block e^{−Fh} grows like e^{‖F‖h} and would swamp Q in round-off, so the exponential is
+    taken over h / 2^m with ‖F‖ h / 2^m ≤ 1 and the step is doubled m times,
+    Q(2h) = Q(h) + A(h) Q(h) A(h)ᵀ, A(2h) = A(h)² — every term positive semi-definite.
+    """
+    D = F.shape[-1]
+    norm = float(F.detach().abs().sum(-1).amax()) if F.numel() else 0.0
+    h_max = float(steps.detach().max()) if steps.numel() else 0.0
+    m = math.ceil(math.log2(norm * h_max)) if norm * h_max > 1 else 0
+    h = (steps / 2 ** m)[:, None, None]
+    F_ = F.unsqueeze(-3)
+    GG = (G[..., :, None] * G[..., None, :]).unsqueeze(-3)
+    top = torch.cat([-F_ * h, GG * h], -1)
+    bottom = torch.cat([torch.zeros_like(top[..., :D]).expand(top.shape[:-1] + (D,)), F_.transpose(-1, -2) * h], -1)
+    E = torch.linalg.matrix_exp(torch.cat([top, bottom], -2))
+    A = E[..., D:, D:].transpose(-1, -2)
+    Q = A @ E[..., :D, D:]
+    Q = 0.5 * (Q + Q.transpose(-1, -2))
+    for _ in range(m):
+        Q = Q + A @ Q @ A.transpose(-1, -2)
+        A = A @ A
+    return A, Q
+
+
+def _associative_scan(combine, elems):
+    """Inclusive scan of a tuple of tensors along dim 0 with an associative ``combine(earlier, later)``.
+
+    The odd/even recursion (as in ``jax.lax.associative_scan``): O(n) work, O(log n) depth.
+    """
+    n = elems[0].shape[0]
+    if n < 2:
+        return elems
+    reduced = combine(tuple(e[0:-1:2] for e in elems), tuple(e[1::2] for e in elems))
+    odd = _associative_scan(combine, reduced)                    # prefixes ending at 1, 3, 5, ...
+    if n % 2 == 0:
+        even = combine(tuple(o[:-1] for o in odd), tuple(e[2::2] for e in elems))
+    else:
+        even = combine(odd, tuple(e[2::2] for e in elems))
+    out = []
+    for e, ev, od in zip(elems, even, odd):
+        ev = torch.cat([e[:1], ev], 0)                          # prefixes ending at 0, 2, 4, ...
+        m = od.shape[0]
+        pairs = torch.stack([ev[:m], od], 1).reshape((2 * m,) + od.shape[1:])
+        out.append(torch.cat([pairs, ev[m:]], 0) if n % 2 else pairs)
+    return tuple(out)
+
+
+def _affine_combine(first, second):
+    """Compose z ↦ A1 z + b1 then z ↦ A2 z + b2."""
+    A1, b1 = first
+    A2, b2 = second
+    return A2 @ A1, (A2 @ b1.unsqueeze(-1)).squeeze(-1) + b2
+
+
+def _kalman_combine(first, second):
+    """Associative filtering operator of Särkkä & García-Fernández (2021), covariance form.
+
+    An element (A, b, C, η, J) represents p(z_k | z_{j−1}, y_{j..k}) = N(A z + b, C) together
+    with the likelihood of y_{j..k} given z_{j−1}, ∝ exp(−½ zᵀJz + ηᵀz). With M = (I + C₁J₂)⁻¹
+    (and (I + J₂C₁)⁻¹ = Mᵀ, C and J being symmetric):
+        A = A₂MA₁,  b = A₂M(b₁ + C₁η₂) + b₂,  C = A₂MC₁A₂ᵀ + C₂,
+        η = A₁ᵀMᵀ(η₂ − J₂b₁) + η₁,  J = A₁ᵀMᵀJ₂A₁ + J₁.
+    Matrix–vector products ride along as extra columns of one matmul (fewer small kernels).
+    """
+    A1, b1, C1, eta1, J1 = first
+    A2, b2, C2, eta2, J2 = second
+    D = A1.shape[-1]
+    eye = torch.eye(D, dtype=A1.dtype, device=A1.device)
+    # inv_ex: no per-call error check (a host sync); I + J₂C₁ is invertible for PSD C₁, J₂
+    Mt = torch.linalg.inv_ex(eye + J2 @ C1)[0]
+    X = A2 @ Mt.transpose(-1, -2)                                   # A₂M
+    C1_ = torch.cat([C1, C1 @ eta2.unsqueeze(-1)], -1)             # [C₁ | C₁η₂]
+    left = X @ torch.cat([A1, b1.unsqueeze(-1) + C1_[..., D:], C1_[..., :D] @ A2.transpose(-1, -2)], -1)
+    A = left[..., :D]
+    b = left[..., D] + b2
+    C = left[..., D + 1:] + C2
+    Y = A1.transpose(-1, -2) @ Mt                                   # A₁ᵀMᵀ
+    J2_ = J2 @ torch.cat([A1, b1.unsqueeze(-1)], -1)               # [J₂A₁ | J₂b₁]
+    right = Y @ torch.cat([J2_[..., :D], eta2.unsqueeze(-1) - J2_[..., D:]], -1)
+    J = right[..., :D] + J1
+    eta = right[..., D] + eta1
+    C = 0.5 * (C + C.transpose(-1, -2))
+    J = 0.5 * (J + J.transpose(-1, -2))
+    return A, b, C, eta, J
+
+
+def _psd_factor(cov: torch.Tensor) -> torch.Tensor:
+    """Differentiable L with L Lᵀ ≈ cov for nearly singular PSD step covariances.
+
+    cov + ε I with ε = 1e−13 · trace(cov) (+1e−300 so a zero matrix works): the MA-fBM step
+    covariance is nearly rank one (cond up to 1e18), and this jitter perturbs the sampled law by
+    a relative 1e−13 — far below anything a sample can resolve — while keeping Cholesky and its
+    backward pass well defined.
+    """
+    D = cov.shape[-1]
+    tr = cov.diagonal(dim1=-2, dim2=-1).sum(-1)
+    eps = (1e-13 * tr + 1e-300)[..., None, None]
+    return torch.linalg.cholesky(cov + eps * torch.eye(D, dtype=cov.dtype, device=cov.device))
+
+
+class FractionalOU(TorchDistribution):
+    r"""A fractional Ornstein–Uhlenbeck process driven by MA-fBM, observed with Gaussian noise.
+
+    .. math::  dX_t = −θ (X_t − μ) dt + σ\, d\hat B_t,\quad X_0 = x_0,\qquad
+               y_i = X_{t_i} + ε_i,\; ε_i \sim N(0, \text{obs\_noise}^2),
+
+    where :math:`\hat B = Σ_k ω_k Y_k` (type II) or :math:`Σ_k ω_k (Y_k − Y_k(0))` (type I) is the
+    Markov approximation of fBM with rates γ and L2-optimal weights ω(H) on [0, horizon].
+    The event is the vector y of length len(ts).
+
+    Args:
+        hurst: (0, 1). theta: ≥ 0 (θ = 0 is scaled MA-fBM itself). sigma: > 0. obs_noise: > 0.
+        ts: non-negative, strictly increasing observation times (the process starts at t = 0).
+        num_processes, gamma_max: the geometric rate grid (see :func:`fracsde.markov.geometric_gammas`).
+        kind: ``"type2"`` (Y(0) = 0) or ``"type1"`` (Y(0) stationary).
+        x0: the initial value X_0 (a parameter, batched). loc: the mean-reversion level μ.
+        gammas: explicit rates (override the grid). horizon: interval [0, horizon] on which ω is
+            L2-optimal; defaults to ``ts[-1]``. The default rates are the geometric grid divided by
+            ``horizon``, i.e. the MA-fBM of [0, 1] rescaled in time to [0, horizon] (fBM is
+            self-similar, so the approximation error does not depend on the time unit).
+
+    Every parameter may be a tensor (batch shape = their broadcast shape); ``log_prob`` is
+    differentiable in all of them, H included (through the weight solve). All internal maths
+    is float64. Cost of ``log_prob``: O(len(ts)) work, O(log len(ts)) sequential depth.
+
+    Example:
+        >>> ts = torch.linspace(0, 1, 501, dtype=torch.float64)[1:]
+        >>> d = FractionalOU(0.7, theta=2.0, sigma=1.0, ts=ts, obs_noise=0.05)
+        >>> y = d.sample()
+        >>> d.log_prob(y)
+    """
+
+    arg_constraints = {
+        "hurst": open_unit_interval,
+        "theta": constraints.nonnegative,
+        "sigma": constraints.positive,
+        "obs_noise": constraints.positive,
+        "x0": constraints.real,
+        "loc": constraints.real,
+    }
+    support = constraints.independent(constraints.real, 1)
+    has_rsample = True
+
+    def __init__(self, hurst, theta, sigma, ts, obs_noise, num_processes: int = 3, gamma_max: float = 20.0,
+                 kind: str = "type2", x0=0.0, loc=0.0, gammas=None, horizon: Optional[float] = None,
+                 validate_args=None):
+        self.kind = V.check_kind(kind)
+        ts = V.as_times(ts, dtype=torch.float64).to(torch.float64)
+        if horizon is None:
+            horizon = float(ts[-1]) if float(ts[-1]) > 0 else 1.0
+        self.horizon = V.check_positive_float(horizon, "horizon")
+        if gammas is None:
+            V.check_positive_int(num_processes, "num_processes", 1)
+            gammas = geometric_gammas(num_processes, gamma_max) / self.horizon
+        else:
+            gammas = torch.as_tensor(gammas, dtype=torch.float64)
+            if gammas.dim() != 1 or gammas.numel() < 1 or not bool((gammas > 0).all()):
+                raise ValueError(f"gammas must be a non-empty 1-D tensor of positive rates; got {gammas}")
+        self.ts = ts
+        self.gammas = gammas.to(device=ts.device)
+        raw = (hurst, theta, sigma, obs_noise, x0, loc)
+        self._dtype = _result_dtype(*[torch.as_tensor(p) for p in raw])
+        params = torch.broadcast_tensors(*[_as_float64(p) for p in raw])
+        self.hurst, self.theta, self.sigma, self.obs_noise, self.x0, self.loc = params
+        super().__init__(params[0].shape, torch.Size([ts.numel()]), validate_args=validate_args)
+
+    @property
+    def num_processes(self) -> int:
+        return self.gammas.numel()
+
+    def expand(self, batch_shape, _instance=None):
+        new = self._get_checked_instance(FractionalOU, _instance)
+        batch_shape = torch.Size(batch_shape)
+        for name in ("kind", "horizon", "ts", "gammas", "_dtype"):
+            setattr(new, name, getattr(self, name))
+        for name in ("hurst", "theta", "sigma", "obs_noise", "x0", "loc"):
+            setattr(new, name, getattr(self, name).expand(batch_shape))
+        super(FractionalOU, new).__init__(batch_shape, self.event_shape, validate_args=False)
+        new._validate_args = self.__dict__.get("_validate_args")
+        return new
+
+    # ------------------------------------------------------------------ the linear-Gaussian model
+    @lazy_property
+    def weights(self) -> torch.Tensor:
+        """(*batch, K) MA-fBM weights ω(H), differentiable in H."""
+        return _ma_weights(self.hurst, self.gammas, self.kind, self.horizon)
+
+    @lazy_property
+    def _system(self):
+        return _augmented_system(self.theta, self.sigma, self.weights, self.gammas)
+
+    def _initial_moments(self):
+        """Mean (*B, D) and covariance (*B, D, D) of z(0) for the zero-level process X − μ."""
+        F, _ = self._system
+        D = F.shape[-1]
+        m0 = F.new_zeros(F.shape[:-1])
+        m0[..., 0] = self.x0 - self.loc
+        P0 = F.new_zeros(F.shape[:-2] + (D, D))
+        if self.kind == "type1":
+            P0[..., 1:, 1:] = 1.0 / (self.gammas[:, None] + self.gammas[None, :])
+        return m0, P0
+
+    @lazy_property
+    def _transitions(self):
+        """A, Q of shape (*B, n, D, D): step k goes from t_{k−1} to t_k (t_{−1} = 0)."""
+        F, G = self._system
+        steps = torch.diff(self.ts, prepend=self.ts.new_zeros(1))
+        n = steps.numel()
+        if n > 2 and bool(torch.allclose(steps[1:], steps[1:2].expand(n - 1), rtol=1e-10, atol=0)):
+            A, Q = _discretize(F, G, steps[:2])          # uniform grid: two distinct steps
+            idx = torch.cat([steps.new_zeros(1, dtype=torch.long), steps.new_ones(n - 1, dtype=torch.long)])
+            return A[..., idx, :, :], Q[..., idx, :, :]
+        return _discretize(F, G, steps)
+
+    def _first_prediction(self):
+        A, Q = self._transitions
+        m0, P0 = self._initial_moments()
+        A0, Q0 = A[..., 0, :, :], Q[..., 0, :, :]
+        mp = (A0 @ m0.unsqueeze(-1)).squeeze(-1)
+        Pp = A0 @ P0 @ A0.transpose(-1, -2) + Q0
+        return mp, 0.5 * (Pp + Pp.transpose(-1, -2))
+
+    def log_prob(self, value):
+        if self._validate_args:
+            self._validate_sample(value)
+        y = _as_float64(value) - self.loc[..., None]
+        A, Q = self._transitions
+        batch = broadcast_shape(y.shape[:-1], A.shape[:-3])
+        n, D = self.ts.numel(), A.shape[-1]
+        A, Q = A.expand(batch + A.shape[-3:]), Q.expand(batch + Q.shape[-3:])
+        y = y.expand(batch + y.shape[-1:])
+        R = (self.obs_noise ** 2).expand(batch)
+        mp0, Pp0 = self._first_prediction()
+        mp0, Pp0 = mp0.expand(batch + (D,)), Pp0.expand(batch + (D, D))
+
+        # element 0 is the full Kalman update of the first prediction
+        S0 = Pp0[..., 0, 0] + R
+        K0 = Pp0[..., :, 0] / S0[..., None]
+        b0 = mp0 + K0 * (y[..., 0] - mp0[..., 0])[..., None]
+        C0 = Pp0 - K0[..., :, None] * K0[..., None, :] * S0[..., None, None]
+        # elements k ≥ 1 condition on the unknown z_{k−1}
+        Ak, Qk, yk = A[..., 1:, :, :], Q[..., 1:, :, :], y[..., 1:]
+        Sk = Qk[..., 0, 0] + R[..., None]
+        Kk = Qk[..., :, 0] / Sk[..., None]
+        a_row = Ak[..., 0, :]                                   # Hᵀ-row of A: e_0ᵀ A
+        Ae = Ak - Kk[..., :, None] * a_row[..., None, :]
+        be = Kk * yk[..., None]
+        Ce = Qk - Kk[..., :, None] * Kk[..., None, :] * Sk[..., None, None]
+        eta = a_row * (yk / Sk)[..., None]
+        Je = a_row[..., :, None] * a_row[..., None, :] / Sk[..., None, None]
+
+        zeros_m = torch.zeros_like(Pp0)
+        elems = (
+            torch.cat([zeros_m.unsqueeze(-3), Ae], -3),
+            torch.cat([b0.unsqueeze(-2), be], -2),
+            torch.cat([C0.unsqueeze(-3), Ce], -3),
+            torch.cat([torch.zeros_like(b0).unsqueeze(-2), eta], -2),
+            torch.cat([zeros_m.unsqueeze(-3), Je], -3),
+        )
+        nb = len(batch)
+        perm_m = (nb,) + tuple(range(nb)) + (nb + 1, nb + 2)
+        perm_v = (nb,) + tuple(range(nb)) + (nb + 1,)
+        elems = tuple(e.permute(perm_m if e.dim() == nb + 3 else perm_v) for e in elems)
+        _, means, covs, _, _ = _associative_scan(_kalman_combine, elems)   # filtered, time first
+        means = means.movedim(0, -2)                                      # (*batch, n, D)
+        covs = covs.movedim(0, -3)
+
+        # one-step predictions of X for the likelihood (k ≥ 1), all steps in parallel
+        pred_mean = (a_row * means[..., :-1, :]).sum(-1)
+        pred_var = (a_row.unsqueeze(-2) @ covs[..., :-1, :, :] @ a_row.unsqueeze(-1)).squeeze(-1).squeeze(-1)
+        S_rest = pred_var + Qk[..., 0, 0] + R[..., None]
+        S_all = torch.cat([S0[..., None], S_rest], -1)
+        resid = torch.cat([(y[..., 0] - mp0[..., 0])[..., None], yk - pred_mean], -1)
+        lp = -0.5 * (torch.log(2 * math.pi * S_all) + resid ** 2 / S_all).sum(-1)
+        return lp.to(_result_dtype(self.hurst.new_empty(0, dtype=self._dtype), torch.as_tensor(value)))
+
+    def rsample(self, sample_shape=torch.Size()):
+        sample_shape = torch.Size(sample_shape)
+        A, Q = self._transitions
+        mp0, Pp0 = self._first_prediction()
+        D = A.shape[-1]
+        batch = sample_shape + self.batch_shape
+        n = self.ts.numel()
+        eps = torch.randn(batch + (n, D), dtype=torch.float64, device=self.ts.device)
+        L = torch.cat([_psd_factor(Pp0).unsqueeze(-3), _psd_factor(Q[..., 1:, :, :])], -3)
+        w = (L @ eps.unsqueeze(-1)).squeeze(-1)
+        w = torch.cat([w[..., :1, :] + mp0.unsqueeze(-2), w[..., 1:, :]], -2)
+        A = torch.cat([torch.zeros_like(A[..., :1, :, :]), A[..., 1:, :, :]], -3).expand(batch + (n, D, D))
+        nb = len(batch)
+        elems = (A.movedim(nb, 0), w.movedim(nb, 0))
+        _, z = _associative_scan(_affine_combine, elems)
+        x = z.movedim(0, nb)[..., 0] + self.loc[..., None]
+        noise = torch.randn(batch + (n,), dtype=torch.float64, device=self.ts.device)
+        return (x + self.obs_noise[..., None] * noise).to(self._dtype)
+
+    # ------------------------------------------------------------------ dense reference
+    @property
+    def mean(self) -> torch.Tensor:
+        F, _ = self._system
+        m0, _ = self._initial_moments()
+        Phi_row0 = torch.linalg.matrix_exp(F.unsqueeze(-3) * self.ts[:, None, None])[..., 0, :]
+        return (Phi_row0 * m0.unsqueeze(-2)).sum(-1) + self.loc[..., None]
+
+    @property
+    def covariance_matrix(self) -> torch.Tensor:
+        """(*batch, n, n) dense covariance of y from the closed-form second moments, O(n²) memory.
+
+        Cov(z_s, z_t) = Σ(s) e^{Fᵀ(t−s)} for s ≤ t, with Σ(s) = e^{Fs} P0 e^{Fᵀs} + Q(s) taken
+        directly from 0 to s (not by composing the filter's steps), plus obs_noise² on the diagonal.
+        """
+        return x_covariance(self) + torch.diag_embed(
+            (self.obs_noise ** 2)[..., None].expand(self.batch_shape + self.event_shape))
+
+    @property
+    def variance(self) -> torch.Tensor:
+        return self.covariance_matrix.diagonal(dim1=-2, dim2=-1)
+
+    def to_multivariate_normal(self):
+        """The same law as a dense ``MultivariateNormal`` (the O(n³) reference for tests and benchmarks)."""
+        from pyro.distributions import MultivariateNormal
+        return MultivariateNormal(self.mean, covariance_matrix=self.covariance_matrix)
+
+
+def x_covariance(dist: FractionalOU, ts: Optional[torch.Tensor] = None, chunk_elems: int = 1 << 22) -> torch.Tensor:
+    """Closed-form Cov(X_s, X_t) (no observation noise) of a :class:`FractionalOU` at ``ts`` (default: its grid).
+
+    (*batch, n, n) float64. Uniform grids reuse the n distinct lags; other grids take one matrix
+    exponential per pair. Rows are processed in chunks of about ``chunk_elems`` numbers.
+    """
+    ts = dist.ts if ts is None else V.as_times(ts, dtype=torch.float64)
+    F, G = dist._system
+    m0, P0 = dist._initial_moments()
+    D = F.shape[-1]
+    batch = F.shape[:-2]
+    A_t, Q_t = _discretize(F, G, ts)
+    Sigma_row0 = (A_t @ P0.unsqueeze(-3) @ A_t.transpose(-1, -2) + Q_t)[..., 0, :]   # (*B, n, D)
+    n = ts.numel()
+    d = ts.diff()
+    uniform = n > 2 and bool(torch.allclose(d, d[:1].expand_as(d), rtol=1e-10, atol=0))
+    out = F.new_zeros(batch + (n, n))
+    rows = max(1, chunk_elems // max(1, n * D * (1 if uniform else D)))
+    if uniform:
+        lags = torch.linalg.matrix_exp(F.unsqueeze(-3) * (d[0] * torch.arange(n, dtype=torch.float64))[:, None, None])
+        lag_row0 = lags[..., 0, :]                                                    # (*B, n, D)
+    for start in range(0, n, rows):
+        stop = min(n, start + rows)
+        i = torch.arange(start, stop)
+        if uniform:
+            lag = (torch.arange(n)[None, :] - i[:, None]).clamp(min=0)                # (r, n)
+            phi = lag_row0[..., lag, :]                                               # (*B, r, n, D)
+        else:
+            diff = (ts[None, :] - ts[start:stop, None]).clamp(min=0)
+            phi = torch.linalg.matrix_exp(F[..., None, None, :, :] * diff[..., None, None])[..., 0, :]
+        block = (Sigma_row0[..., start:stop, None, :] * phi).sum(-1)                  # (*B, r, n)
+        out[..., start:stop, :] = block
+    upper = torch.triu(out)
+    return upper + torch.triu(out, 1).transpose(-1, -2)
