@@ -1,0 +1,93 @@
+"""Checkpoints: plain state dicts, written atomically, read with ``weights_only=True``.
+
+A checkpoint is a ``dict`` of tensors and plain Python values (no pickled classes), so loading one never
+runs code. It is written to a temporary file in the target folder, flushed to disk and renamed over the
+target with :func:`os.replace`, so a crash leaves either the old or the new checkpoint, never half a file.
+:func:`load_checkpoint` checks the format and the required keys and raises :class:`CheckpointError` with
+a readable message; callers check everything before they change any model, optimiser or file.
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+from torch import nn
+
+__all__ = ["CheckpointError", "save_checkpoint", "atomic_save", "load_checkpoint", "check_state_dict", "FORMAT"]
+
+FORMAT = "fracsde-gfdm-checkpoint"
+VERSION = 1
+REQUIRED = ("format", "version", "unet_config", "dynamics", "dataset", "step", "model", "ema")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint could not be read, or does not fit the run that wants it."""
+
+
+def save_checkpoint(state: dict, path: str | os.PathLike) -> Path:
+    """Write a training/sampling checkpoint (adds the format tag) atomically."""
+    return atomic_save({"format": FORMAT, "version": VERSION, **state}, path)
+
+
+def atomic_save(state, path: str | os.PathLike) -> Path:
+    """``torch.save`` to a temporary file in the same folder, fsync, then ``os.replace``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+    return path
+
+
+def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:  # noqa: BLE001 - torch raises many kinds for a damaged file
+        raise CheckpointError(f"checkpoint {path} cannot be read (damaged, truncated, or not a plain "
+                              f"state dict loadable with weights_only=True): {type(e).__name__}: "
+                              f"{str(e).splitlines()[0] if str(e) else ''}") from None
+    if not isinstance(state, dict) or state.get("format") != FORMAT:
+        raise CheckpointError(f"{path} is not a gfdm checkpoint (missing format tag {FORMAT!r})")
+    if state.get("version") != VERSION:
+        raise CheckpointError(f"{path} has checkpoint version {state.get('version')}; "
+                              f"this code reads version {VERSION}")
+    missing = [k for k in REQUIRED if k not in state]
+    if missing:
+        raise CheckpointError(f"{path} lacks the entries {missing}")
+    return state
+
+
+def check_state_dict(model: nn.Module, state: dict, what: str, path) -> None:
+    """Raise CheckpointError unless ``state`` has exactly ``model``'s keys and shapes."""
+    own = model.state_dict()
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path}: {what} weights are not a state dict")
+    missing = sorted(set(own) - set(state))
+    extra = sorted(set(state) - set(own))
+    shapes = [f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(v.shape)}"
+              for k, v in own.items() if k in state and (not isinstance(state[k], torch.Tensor)
+                                                        or state[k].shape != v.shape)]
+    if missing or extra or shapes:
+        parts = []
+        if missing:
+            parts.append(f"missing {missing[:5]}{' …' if len(missing) > 5 else ''}")
+        if extra:
+            parts.append(f"unexpected {extra[:5]}{' …' if len(extra) > 5 else ''}")
+        if shapes:
+            parts.append("shape mismatch " + "; ".join(shapes[:5]))
+        raise CheckpointError(f"{path}: {what} weights do not fit the network: " + ", ".join(parts))

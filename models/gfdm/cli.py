@@ -1,0 +1,444 @@
+"""The ``gfdm`` command: train, sample, evaluate and compare generative fractional diffusion models on images.
+
+    gfdm compare                                   # digits, VP vs FVP(H=0.9,K=3), a few CPU minutes
+    gfdm train --dataset digits --dynamics fvp --hurst 0.9 --num-processes 3 --steps 2000 --out runs/fvp
+    gfdm sample --checkpoint runs/fvp/checkpoint.pt --num 64 --steps 500
+    gfdm evaluate --checkpoint runs/fvp/checkpoint.pt --num 1000 [--inception pt_inception.pth] [--nll]
+    torchrun --nproc-per-node 8 -m models.gfdm.cli train ...   # several GPUs (or CPU processes with gloo)
+
+Every sub-command takes ``--config FILE`` (JSON or TOML) holding the same keys as its flags (dashes or
+underscores); flags given on the command line override the file.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+__all__ = ["main", "build_parser"]
+
+class _FMT(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows defaults, except where the help text already names them or there is none (None)."""
+
+    def _get_help_string(self, action):
+        if "(default:" in (action.help or "") or action.default is None:
+            return action.help
+        return super()._get_help_string(action)
+
+
+
+class _ArgError(Exception):
+    pass
+
+
+def _float_or_none(text: str):
+    return None if str(text).lower() in ("none", "off") else float(text)
+
+
+def _add_data_args(p):
+    from .data import DATASETS
+
+    g = p.add_argument_group("data")
+    g.add_argument("--dataset", default="digits", choices=DATASETS,
+                   help="digits: scikit-learn 8x8 (embedded); fashion-mnist: Debian package "
+                        "dataset-fashion-mnist or --data-root; mnist/cifar10: files under --data-root")
+    g.add_argument("--data-root", default=None,
+                   help="folder with the dataset files (default: $GFDM_DATA, then standard places)")
+    g.add_argument("--download", action="store_true", help="download with torchvision into --data-root")
+    return g
+
+
+def _add_train_args(p, compare: bool = False):
+    from .train import AMP_CHOICES, DYNAMICS, TrainConfig
+    from .unet import PRESETS
+
+    d = TrainConfig()
+    g = _add_data_args(p)
+    g.add_argument("--hflip", action=argparse.BooleanOptionalAction, default=None,
+                   help="random horizontal flips (default: as the paper, CIFAR-10 only)")
+    if not compare:
+        g = p.add_argument_group("dynamics")
+        g.add_argument("--dynamics", default=d.dynamics, choices=DYNAMICS,
+                       help="vp/ve: Brownian (Song et al.); fvp/fve: fractional (GFDM)")
+        g.add_argument("--hurst", type=float, default=d.hurst, help="Hurst index H of fvp/fve")
+        g.add_argument("--num-processes", type=int, default=d.num_processes,
+                       help="number K of OU processes of fvp/fve")
+    g = p.add_argument_group("network")
+    g.add_argument("--preset", default="digits-tiny" if compare else d.preset, choices=tuple(PRESETS),
+                   help="U-Net size (the flags below override single fields)")
+    g.add_argument("--channels", type=int, default=None, help="base channels (default: preset)")
+    g.add_argument("--channel-mult", type=int, nargs="+", default=None, help="per-level multipliers (default: preset)")
+    g.add_argument("--num-res-blocks", type=int, default=None, help="residual blocks per level (default: preset)")
+    g.add_argument("--attention-resolutions", type=int, nargs="*", default=None,
+                   help="resolutions with self-attention; none for no attention (default: preset)")
+    g.add_argument("--dropout", type=float, default=None, help="dropout (default: preset)")
+    g.add_argument("--class-cond", action="store_true", help="condition on class labels")
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--batch-size", type=int, default=d.batch_size, help="global batch (all processes)")
+    g.add_argument("--steps", type=int, default=1500 if compare else d.steps, help="optimizer steps")
+    g.add_argument("--lr", type=float, default=1e-3 if compare else d.lr, help="Adam learning rate")
+    g.add_argument("--lr-warmup", type=int, default=d.lr_warmup, help="linear warm-up steps")
+    g.add_argument("--grad-clip", type=float, default=d.grad_clip, help="gradient-norm clip (0: off)")
+    g.add_argument("--grad-accum", type=int, default=d.grad_accum, help="micro-batches per step and process")
+    g.add_argument("--ema-halflife-kimg", type=float, default=d.ema_halflife_kimg,
+                   help="EMA half-life in thousands of training images (0.9999/step at batch 128 ≈ 887)")
+    g.add_argument("--ema-rampup", type=_float_or_none, default=d.ema_rampup,
+                   help="half-life at most this fraction of images seen ('none': off)")
+    g.add_argument("--t-eps", type=float, default=d.t_eps, help="smallest diffusion time in training")
+    g.add_argument("--amp", default=d.amp, choices=AMP_CHOICES,
+                   help="bf16 autocast of the network (auto: on CUDA only; CPU runs in float32)")
+    g.add_argument("--seed", type=int, default=d.seed, help="seed of weights, data order and noise")
+    g = p.add_argument_group("run")
+    g.add_argument("--device", default=d.device, help="auto, cpu, cuda, cuda:1, …")
+    g.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    g.add_argument("--log-every", type=int, default=d.log_every, help="steps between metrics lines")
+    g.add_argument("--ckpt-every", type=int, default=d.ckpt_every, help="steps between checkpoints")
+    g.add_argument("--sample-every", type=int, default=d.sample_every, help="steps between sample grids")
+    g.add_argument("--sample-num", type=int, default=d.sample_num, help="images in a training sample grid")
+    g.add_argument("--grid-steps", type=int, default=d.sample_steps, help="sampler steps of training grids")
+    g.add_argument("--time-limit", type=float, default=None, help="minutes of wall time, then checkpoint and stop")
+    g.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="progress bar")
+
+
+def _add_sampling_args(g, num: int, steps: int):
+    g.add_argument("--num", type=int, default=num, help="number of images")
+    g.add_argument("--batch-size", type=int, default=500, help="images per sampler batch")
+    g.add_argument("--steps", type=int, default=steps, help="sampler steps")
+    g.add_argument("--method", default="sde", choices=("sde", "ode"),
+                   help="reverse SDE (Euler–Maruyama) or probability-flow ODE")
+    g.add_argument("--weights", default="ema", choices=("ema", "raw"), help="EMA or raw network weights")
+    g.add_argument("--seed", type=int, default=0, help="sampling seed (images do not depend on process count)")
+    g.add_argument("--device", default="auto", help="auto, cpu, cuda, …")
+    g.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    g.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="progress bar")
+
+
+def _add_metric_args(g):
+    g.add_argument("--inception", default=None,
+                   help="FID Inception-v3 weights: pt_inception-2015-12-05-6726825d.pth (pytorch-fid) or a "
+                        "TorchScript inception-2015-12-05.pt; default $GFDM_INCEPTION; without it an offline "
+                        "feature extractor gives an offline FID, NOT comparable to published FIDs")
+    g.add_argument("--cache-dir", default=None,
+                   help="cache of the offline feature network and reference statistics "
+                        "(default: $GFDM_CACHE or ~/.cache/fracsde/gfdm)")
+    g.add_argument("--ref-max", type=int, default=50000, help="training images in the FID reference statistics")
+
+
+def build_parser() -> tuple[argparse.ArgumentParser, dict]:
+    parser = argparse.ArgumentParser(prog="gfdm", description=__doc__.split("\n\n")[0], formatter_class=_FMT)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{train,sample,evaluate,compare}")
+    subs = {}
+
+    p = subs["train"] = sub.add_parser("train", formatter_class=_FMT, help="train a score network",
+                                       description="Train an ε-network with the GFDM score-matching loss.")
+    p.add_argument("--config", default=None, help="JSON or TOML file with the same keys as these flags")
+    p.add_argument("--out", default="runs/gfdm", help="output folder (checkpoint.pt, metrics.jsonl, samples/)")
+    p.add_argument("--resume", nargs="?", const="auto", default=None, metavar="CHECKPOINT",
+                   help="continue from CHECKPOINT (no value: OUT/checkpoint.pt if it exists)")
+    p.add_argument("--overwrite", action="store_true", help="start over even if OUT holds a checkpoint")
+    _add_train_args(p)
+
+    p = subs["sample"] = sub.add_parser("sample", formatter_class=_FMT, help="draw images from a checkpoint",
+                                        description="Sample images; writes a PNG grid and an .npz.")
+    p.add_argument("--config", default=None, help="JSON or TOML file with the same keys as these flags")
+    p.add_argument("--checkpoint", required=True, help="checkpoint written by gfdm train")
+    p.add_argument("--out", default=None, help="output folder (default: next to the checkpoint)")
+    p.add_argument("--label", type=int, default=None, help="class label for all images (class-conditional nets; "
+                                                           "default: balanced over classes)")
+    _add_sampling_args(p, 64, 1000)
+
+    p = subs["evaluate"] = sub.add_parser("evaluate", formatter_class=_FMT, help="FID, VS_p and NLL",
+                                          description="Evaluate samples against the training data.")
+    p.add_argument("--config", default=None, help="JSON or TOML file with the same keys as these flags")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--checkpoint", default=None, help="checkpoint to sample from")
+    src.add_argument("--samples", default=None, help=".npz written by gfdm sample (evaluated as is)")
+    p.add_argument("--out", default=None, help="JSON file for the results (default: next to the input)")
+    _add_data_args(p)
+    _add_sampling_args(p, 1000, 1000)
+    _add_metric_args(p)
+    p.add_argument("--nll", action="store_true", help="also the NLL in bits/dim on test images")
+    p.add_argument("--nll-num", type=int, default=256, help="test images for the NLL")
+    p.add_argument("--nll-steps", type=int, default=100, help="ODE steps of the NLL")
+    p.add_argument("--nll-hutchinson", type=int, default=1, help="Hutchinson probes per NLL evaluation")
+
+    p = subs["compare"] = sub.add_parser(
+        "compare", formatter_class=_FMT, help="several dynamics at the same budget, one table",
+        description="Train, sample and evaluate several dynamics with the same budget and seeds; print one "
+                    "table (FID, VS_p, time), write it to OUT/compare.md and sample grids to OUT/. The defaults "
+                    "compare VP with FVP(H=0.9,K=3) on the 8x8 digits in a few CPU minutes.")
+    p.add_argument("--config", default=None, help="JSON or TOML file with the same keys as these flags")
+    p.add_argument("--dynamics", nargs="+", default=["vp", "fvp:H=0.9,K=3"],
+                   help="dynamics to compare: vp, ve, fvp:H=<hurst>,K=<processes>, fve:H=…,K=…")
+    p.add_argument("--out", default="runs/compare", help="output folder")
+    p.add_argument("--reuse", action="store_true", help="reuse finished runs in OUT instead of retraining")
+    _add_train_args(p, compare=True)
+    g = p.add_argument_group("sampling and metrics")
+    g.add_argument("--num-samples", type=int, default=500, help="samples per dynamics for FID and VS_p")
+    g.add_argument("--sample-steps", type=int, default=200, help="sampler steps")
+    g.add_argument("--sample-batch", type=int, default=500, help="images per sampler batch")
+    g.add_argument("--method", default="sde", choices=("sde", "ode"), help="sampler")
+    _add_metric_args(g)
+    return parser, subs
+
+
+# ------------------------------------------------------------------------------------------ config files
+def _read_config(path: str) -> dict:
+    p = Path(path)
+    if not p.is_file():
+        raise _ArgError(f"config file {p} does not exist")
+    text = p.read_text()
+    try:
+        if p.suffix.lower() == ".toml":
+            try:
+                import tomllib
+            except ImportError:  # Python 3.10
+                raise _ArgError("TOML config files need Python 3.11+; use JSON") from None
+            data = tomllib.loads(text)
+        else:
+            data = json.loads(text)
+    except (ValueError, TypeError) as e:
+        raise _ArgError(f"config file {p} cannot be parsed: {e}") from None
+    if not isinstance(data, dict):
+        raise _ArgError(f"config file {p} must hold a table/object of settings")
+    return {k.replace("-", "_"): v for k, v in data.items()}
+
+
+def _apply_config(sub: argparse.ArgumentParser, values: dict, path: str) -> None:
+    actions = {a.dest: a for a in sub._actions if a.dest not in ("help", "config")}
+    unknown = sorted(set(values) - set(actions))
+    if unknown:
+        raise _ArgError(f"config file {path}: unknown keys {unknown}; allowed: {sorted(actions)}")
+    checked = {}
+    for key, v in values.items():
+        a = actions[key]
+        try:
+            if a.nargs in ("+", "*") and v is not None:
+                if not isinstance(v, list):
+                    raise TypeError("expected a list")
+                v = [a.type(x) if a.type else x for x in v]
+            elif isinstance(a, (argparse._StoreTrueAction, argparse.BooleanOptionalAction)):
+                if not isinstance(v, bool) and v is not None:
+                    raise TypeError("expected true or false")
+            elif a.type is not None and v is not None:
+                if isinstance(v, bool) or isinstance(v, (list, dict)):
+                    raise TypeError(f"expected {getattr(a.type, '__name__', 'a value')}")
+                v = a.type(v) if not (a.type is int and isinstance(v, float) and not v.is_integer()) else None
+                if v is None:
+                    raise TypeError("expected an integer")
+        except (TypeError, ValueError) as e:
+            raise _ArgError(f"config file {path}: {key}={values[key]!r} is invalid ({e})") from None
+        if a.choices is not None and v is not None:
+            bad = [x for x in (v if isinstance(v, list) else [v]) if x not in a.choices]
+            if bad:
+                raise _ArgError(f"config file {path}: {key}={values[key]!r} is not one of {tuple(a.choices)}")
+        checked[key] = v
+    sub.set_defaults(**checked)
+    for a in sub._actions:   # a config value satisfies a required flag
+        if a.dest in checked:
+            a.required = False
+    for group in sub._mutually_exclusive_groups:
+        if any(a.dest in checked and checked[a.dest] is not None for a in group._group_actions):
+            group.required = False
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser, subs = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parser.parse_args(argv)
+    if getattr(args, "config", None):
+        try:
+            _apply_config(subs[args.command], _read_config(args.config), args.config)
+        except _ArgError as e:
+            subs[args.command].error(str(e))
+        args = parser.parse_args(argv)
+    return args
+
+
+# -------------------------------------------------------------------------------------------- commands
+def _train_config(args, **extra):
+    from .train import TrainConfig
+
+    keys = dict(dataset=args.dataset, data_root=args.data_root, download=args.download, hflip=args.hflip,
+                preset=args.preset, channels=args.channels, channel_mult=args.channel_mult,
+                num_res_blocks=args.num_res_blocks, attention_resolutions=args.attention_resolutions,
+                dropout=args.dropout, class_cond=args.class_cond, batch_size=args.batch_size, steps=args.steps,
+                lr=args.lr, lr_warmup=args.lr_warmup, grad_clip=args.grad_clip, grad_accum=args.grad_accum,
+                ema_halflife_kimg=args.ema_halflife_kimg, ema_rampup=args.ema_rampup, t_eps=args.t_eps,
+                amp=args.amp, seed=args.seed, device=args.device, log_every=args.log_every,
+                ckpt_every=args.ckpt_every, sample_every=args.sample_every, sample_num=args.sample_num,
+                sample_steps=args.grid_steps, time_limit=args.time_limit, progress=args.progress)
+    keys.update(extra)
+    return TrainConfig(**keys)
+
+
+def _cmd_train(args, log):
+    from .train import train
+
+    cfg = _train_config(args, dynamics=args.dynamics, hurst=args.hurst, num_processes=args.num_processes,
+                        out=args.out, resume=args.resume, overwrite=args.overwrite)
+    result = train(cfg, log=log)
+    if result["step"]:
+        log(f"done: step {result['step']}, loss {result['loss']:.4f}, {result['img_per_s']:.0f} img/s, "
+            f"checkpoint {result['checkpoint']}")
+    return 0
+
+
+def _sample(args, ctx, log):
+    from .generate import class_labels, generate
+    from .train import load_for_sampling
+
+    model, dyn, state = load_for_sampling(args.checkpoint, device=ctx.device, weights=args.weights)
+    shape = tuple(state["dataset"]["shape"])
+    ncls = model.config.num_classes
+    if args.label is not None and not ncls:
+        raise ValueError("--label needs a class-conditional checkpoint (trained with --class-cond)")
+    if args.label is not None and not 0 <= args.label < ncls:
+        raise ValueError(f"--label must lie in [0, {ncls - 1}]; got {args.label}")
+    labels = class_labels(args.num, ncls) if args.label is None else torch.full((args.num,), args.label)
+    t0 = time.perf_counter()
+    x = generate(model, dyn, args.num, shape, batch_size=args.batch_size, steps=args.steps, method=args.method,
+                 seed=args.seed, labels=labels, ctx=ctx, progress=args.progress)
+    return x, labels, state, time.perf_counter() - t0
+
+
+def _check_sampling_args(args):
+    for name in ("num", "batch_size", "steps"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1; got {getattr(args, name)}")
+
+
+def _cmd_sample(args, ctx, log):
+    from .generate import save_grid
+    from .metrics import quantize
+
+    _check_sampling_args(args)
+    out = Path(args.out) if args.out else Path(args.checkpoint).parent / (
+        f"samples-{args.weights}-{args.method}-{args.steps}")
+    x, labels, state, seconds = _sample(args, ctx, log)
+    if not ctx.is_main:
+        return 0
+    out.mkdir(parents=True, exist_ok=True)
+    grid = save_grid(x[:256], out / "grid.png")
+    meta = {"checkpoint": str(args.checkpoint), "step": int(state["step"]), "dynamics": state["dynamics"],
+            "dataset": state["dataset"]["name"], "num": args.num, "steps": args.steps, "method": args.method,
+            "weights": args.weights, "seed": args.seed, "seconds": seconds}
+    np.savez_compressed(out / "samples.npz", x=x.numpy().astype(np.float32),
+                        images=quantize(x).permute(0, 2, 3, 1).numpy(),
+                        labels=(labels.numpy() if labels is not None else np.zeros(0, np.int64)),
+                        meta=np.array(json.dumps(meta)))
+    log(f"{args.num} images in {seconds:.1f} s ({args.num / seconds:.1f} img/s) → {grid}, {out / 'samples.npz'}")
+    return 0
+
+
+def _cmd_evaluate(args, ctx, log):
+    from .data import load_dataset
+    from .evaluate import evaluate_samples, nll_bits_per_dim
+    from .train import load_for_sampling
+
+    state = None
+    if args.samples:
+        with np.load(args.samples, allow_pickle=False) as z:
+            if "x" not in z:
+                raise ValueError(f"{args.samples} has no array 'x' (write it with gfdm sample)")
+            x = torch.from_numpy(z["x"])
+            meta = json.loads(str(z["meta"])) if "meta" in z else {}
+        dataset = meta.get("dataset") or args.dataset
+        seconds = None
+        default_out = Path(args.samples).with_suffix(".eval.json")
+    else:
+        _check_sampling_args(args)
+        args.label = None
+        x, _, state, seconds = _sample(args, ctx, log)
+        dataset = state["dataset"]["name"]
+        default_out = Path(args.checkpoint).parent / f"eval-{args.weights}-{args.method}-{args.steps}.json"
+    train = load_dataset(dataset, args.data_root, "train", args.download)
+    test = load_dataset(dataset, args.data_root, "test", args.download)
+    results = {}
+    if ctx.is_main:
+        results = evaluate_samples(x, train, test, inception=args.inception, cache_dir=args.cache_dir,
+                                   device=ctx.device, ref_max=args.ref_max, log=log)
+        results.update({"dataset": dataset, "sampling_seconds": seconds,
+                        "source": args.samples or args.checkpoint})
+    if args.nll:
+        if state is None:
+            raise ValueError("--nll needs --checkpoint (the network), not --samples")
+        model, dyn, _ = load_for_sampling(args.checkpoint, device=ctx.device, weights=args.weights)
+        nll = nll_bits_per_dim(model, dyn, test, args.nll_num, steps=args.nll_steps,
+                               hutchinson_samples=args.nll_hutchinson, seed=args.seed, ctx=ctx,
+                               class_cond=bool(model.config.num_classes))
+        if ctx.is_main:
+            results.update(nll)
+    if not ctx.is_main:
+        return 0
+    fid_name = "FID" if results["comparable_to_published"] else "offline FID"
+    log(f"{fid_name}: {results['fid']:.3f} ± {results['fid_bootstrap_std']:.3f} (bootstrap std over samples)   "
+        f"[{results['fid_label']}]")
+    log(f"VS_p (pixel Vendi score) of {results['num_samples']} samples: {results['vs_p']:.3f}   "
+        f"(training data at the same n: {results['vs_p_data']:.3f})")
+    if "nll_bpd" in results:
+        log(f"NLL: {results['nll_bpd']:.3f} ± {results['nll_bpd_sem']:.3f} bits/dim "
+            f"({results['nll_num']} test images, {results['nll_steps']} ODE steps)")
+    out = Path(args.out) if args.out else default_out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=2, default=str))
+    log(f"results → {out}")
+    return 0
+
+
+def _cmd_compare(args, log):
+    from .compare import compare, parse_spec
+
+    specs = [parse_spec(s) for s in args.dynamics]
+    if len({s.slug for s in specs}) != len(specs):
+        raise ValueError(f"--dynamics lists the same dynamics twice: {args.dynamics}")
+    base = _train_config(args, out=args.out)
+    t0 = time.perf_counter()
+    res = compare(specs, base, args.out, num_samples=args.num_samples, sample_steps=args.sample_steps,
+                  method=args.method, sample_batch=args.sample_batch, inception=args.inception,
+                  cache_dir=args.cache_dir, reuse=args.reuse, log=log)
+    if res:
+        log("")
+        log(res["table"])
+        log(f"\n{res['rows'][0]['fid_label']}")
+        log(f"table → {res['path']}; grids → {args.out}/grid-*.png; total {time.perf_counter() - t0:.0f} s")
+    return 0
+
+
+def main(argv=None) -> int:
+    from . import distributed
+    from .checkpoint import CheckpointError
+    from .data import DatasetNotFoundError
+
+    args = parse_args(argv)
+    if getattr(args, "threads", None):
+        torch.set_num_threads(args.threads)
+
+    def log(msg=""):
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(msg, flush=True)
+
+    try:
+        if args.command == "train":
+            return _cmd_train(args, log)
+        if args.command == "compare":
+            return _cmd_compare(args, log)
+        ctx = distributed.init(args.device)
+        if args.command == "sample":
+            return _cmd_sample(args, ctx, log)
+        return _cmd_evaluate(args, ctx, log)
+    except (CheckpointError, DatasetNotFoundError, FileExistsError, ValueError, FileNotFoundError) as e:
+        print(f"gfdm {args.command}: error: {e}", file=sys.stderr, flush=True)
+        return 2
+    finally:
+        distributed.shutdown()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,123 @@
+"""``gfdm compare``: several dynamics, one budget (same steps, batch, network and seeds), one table."""
+from __future__ import annotations
+
+import json
+import re
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from . import distributed
+from .data import load_dataset
+from .evaluate import evaluate_samples
+from .generate import class_labels, derive_seed, generate, save_grid
+from .train import DYNAMICS, TrainConfig, dynamics_label, load_for_sampling, train
+
+__all__ = ["DynamicsSpec", "parse_spec", "compare", "format_table", "DEFAULT_SPECS"]
+
+DEFAULT_SPECS = ("vp", "fvp:H=0.9,K=3")
+
+
+@dataclass(frozen=True)
+class DynamicsSpec:
+    name: str
+    hurst: float = 0.9
+    num_processes: int = 0
+
+    @property
+    def label(self) -> str:
+        return dynamics_label(self.name, self.hurst, self.num_processes)
+
+    @property
+    def slug(self) -> str:
+        return re.sub(r"[^a-z0-9]+", "-", self.label.lower()).strip("-")
+
+
+def parse_spec(text: str) -> DynamicsSpec:
+    """``vp``, ``ve``, ``fvp:H=0.9,K=3``, ``fve:H=0.7,K=2`` (H and K default to 0.9 and 3)."""
+    name, _, params = text.strip().lower().partition(":")
+    if name not in DYNAMICS:
+        raise ValueError(f"dynamics spec {text!r}: name must be one of {DYNAMICS}")
+    if name in ("vp", "ve"):
+        if params:
+            raise ValueError(f"dynamics spec {text!r}: {name} takes no parameters")
+        return DynamicsSpec(name)
+    values = {"h": 0.9, "k": 3}
+    for item in filter(None, params.split(",")):
+        key, eq, val = item.partition("=")
+        if not eq or key.strip() not in values:
+            raise ValueError(f"dynamics spec {text!r}: expected H=<hurst>,K=<processes>, got {item!r}")
+        values[key.strip()] = val.strip()
+    try:
+        hurst, k = float(values["h"]), int(values["k"])
+    except ValueError:
+        raise ValueError(f"dynamics spec {text!r}: H must be a number and K an integer") from None
+    if not 0 < hurst < 1 or k < 1:
+        raise ValueError(f"dynamics spec {text!r}: need 0 < H < 1 and K >= 1")
+    return DynamicsSpec(name, hurst, k)
+
+
+def format_table(rows: list[dict], fid_header: str) -> str:
+    head = ["dynamics", "steps", "final loss", fid_header, "VS_p", "train s", "train img/s", "sample s"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        if r.get("reference"):
+            lines.append(f"| {r['label']} | | | | {r['vs_p']:.2f} | | | |")
+            continue
+        lines.append(f"| {r['label']} | {r['step']} | {r['loss']:.4f} | {r['fid']:.2f} ± {r['fid_bootstrap_std']:.2f} "
+                     f"| {r['vs_p']:.2f} | "
+                     f"{r['train_time_s']:.1f} | {r['img_per_s']:.0f} | {r['sample_time_s']:.1f} |")
+    return "\n".join(lines)
+
+
+def compare(specs: list[DynamicsSpec], base: TrainConfig, out, *, num_samples: int = 500,
+            sample_steps: int = 200, method: str = "sde", sample_batch: int = 500, inception=None,
+            cache_dir=None, reuse: bool = False, log=print) -> dict:
+    """Train each dynamics with ``base``'s budget, sample with EMA weights and shared seeds, evaluate."""
+    ctx = distributed.init(base.device)
+    out = Path(out)
+    train_data = load_dataset(base.dataset, base.data_root, "train", base.download)
+    test_data = load_dataset(base.dataset, base.data_root, "test", base.download)
+    rows = []
+    for spec in specs:
+        cfg = replace(base, dynamics=spec.name, hurst=spec.hurst, num_processes=max(spec.num_processes, 1)
+                      if spec.name in ("fvp", "fve") else base.num_processes, out=str(out / spec.slug),
+                      resume="auto" if reuse else None, overwrite=not reuse)
+        result = train(cfg, log=log)
+        model, dyn, state = load_for_sampling(result["checkpoint"], device=ctx.device, weights="ema")
+        labels = class_labels(num_samples, model.config.num_classes)
+        t0 = time.perf_counter()
+        samples = generate(model, dyn, num_samples, train_data.shape, batch_size=sample_batch, steps=sample_steps,
+                           method=method, seed=derive_seed(base.seed, 0xC0FE), labels=labels, ctx=ctx)
+        sample_time = time.perf_counter() - t0
+        if ctx.is_main:
+            save_grid(samples[:64], out / f"grid-{spec.slug}.png")
+            metrics = evaluate_samples(samples, train_data, test_data, inception=inception, cache_dir=cache_dir,
+                                       device=ctx.device, log=log)
+            summary = {k: v for k, v in result.items() if k not in ("model", "ema")}
+            row = {"label": spec.label, **summary, **metrics, "sample_time_s": sample_time,
+                   "sample_steps": sample_steps, "method": method}
+            rows.append(row)
+            log(f"{spec.label}: {metrics['fid_kind']} FID {metrics['fid']:.3f} ± {metrics['fid_bootstrap_std']:.3f}, "
+                f"VS_p {metrics['vs_p']:.2f} "
+                f"(data {metrics['vs_p_data']:.2f}), train {result['train_time_s']:.1f} s, "
+                f"sampling {sample_time:.1f} s")
+        ctx.barrier()
+    if not ctx.is_main:
+        return {}
+    rows.append({"label": f"data ({base.dataset}, {num_samples} training images)", "reference": True,
+                 "vs_p": rows[0]["vs_p_data"]})
+    fid_header = "FID" if rows[0]["comparable_to_published"] else "offline FID"
+    table = format_table(rows, fid_header)
+    note = rows[0]["fid_label"]
+    text = (f"# gfdm compare on {base.dataset}\n\nSame budget for every row: {base.steps} steps × batch "
+            f"{base.batch_size}, U-Net preset {base.preset}, seed {base.seed}; {num_samples} samples, "
+            f"{sample_steps} {method.upper()} steps, EMA weights. ± is the bootstrap standard deviation of the "
+            f"FID over resamplings of the samples: a rough, usually pessimistic gauge of its sampling noise "
+            f"(training noise is not included).\n\n"
+            f"{table}\n\n{fid_header}: {note}.\n")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "compare.md").write_text(text)
+    (out / "compare.json").write_text(json.dumps({"rows": rows, "fid_label": note}, indent=2, default=str))
+    return {"rows": rows, "table": table, "text": text, "path": str(out / "compare.md")}
+
