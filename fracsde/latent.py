@@ -21,11 +21,11 @@ import torch
 from torch import nn
 
 from . import _validation as V
-from .distributions import FractionalOU, _augmented_system, _discretize, x_covariance
+from .distributions import FractionalOU, _discretize, x_covariance
 from .markov import MarkovApproxFBM
 from .sde import FractionalSDE, sdeint
 
-__all__ = ["LatentFractionalSDE", "AffineControl", "MLPControl", "LinearDrift", "exact_bridge",
+__all__ = ["LatentFractionalSDE", "ELBO", "AffineControl", "MLPControl", "LinearDrift", "fit", "exact_bridge",
            "OptimalBridgeControl", "BridgeProblem"]
 
 
@@ -234,7 +234,8 @@ class LatentFractionalSDE(FractionalSDE):
         obs_index = torch.as_tensor(obs_index, dtype=torch.long)
         obs = torch.as_tensor(obs, dtype=self.log_sigma.dtype)
         if obs.shape != (obs_index.numel(), self.state_dim):
-            raise ValueError(f"obs must have shape (len(obs_index), state_dim) = {(obs_index.numel(), self.state_dim)}; "
+            expected = (obs_index.numel(), self.state_dim)
+            raise ValueError(f"obs must have shape (len(obs_index), state_dim) = {expected}; "
                              f"got {tuple(obs.shape)}")
         xs, kl = self.sample_posterior(ts, num_samples, dt=dt, method=method, return_kl=True, **kwargs)
         r = self.obs_noise.to(xs.dtype)
