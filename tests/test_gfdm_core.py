@@ -13,12 +13,6 @@ from models.gfdm import (FVE, FVP, GaussianEpsModel, gaussian_loss_minimum, make
 from stats_helpers import bonferroni_z
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def _terminal_draw(dyn, mean, std, n, gen, dtype=torch.float64):

@@ -11,12 +11,6 @@ from models.gfdm import study2d as S
 from stats_helpers import bonferroni_z
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def test_ring_mixture_is_geometric_with_a_one_percent_mode():

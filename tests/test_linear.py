@@ -12,13 +12,6 @@ from fracsde.markov import MarkovApproxFBM
 from stats_helpers import assert_covariance_matches, bonferroni_z
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # tiny tensors: intra-op threads only add latency (and thrash on a shared machine)
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def _ma(hurst, K):

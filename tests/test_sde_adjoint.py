@@ -8,14 +8,6 @@ from fracsde.sde import FractionalSDE, sdeint
 F64 = torch.float64
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Small tensors: a second thread only adds synchronisation, and MKL's threaded kernels (BLAS,
-    VML sqrt in torchsde's Lévy areas) stall for milliseconds per call on a loaded machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 class Model(FractionalSDE):
