@@ -33,6 +33,7 @@ float64 are then meaningless (see :func:`naive_conditionals`). The stable parame
 """
 from __future__ import annotations
 
+import abc
 import math
 from dataclasses import dataclass
 from functools import lru_cache
@@ -55,7 +56,7 @@ _CONTINUATION_TOL = 1e-7
 
 
 # ---------------------------------------------------------------------------------------------- schedules
-class Schedule:
+class Schedule(abc.ABC):
     """Coefficients μ(t), g(t) of dX = μ X dt + g dB̂ on [0, horizon] (torch float64 in, same out).
 
     Subclasses implement :meth:`mu`, :meth:`g`, :meth:`dg` (= g′) and :meth:`log_c` (= ∫_0^t μ), and may
@@ -68,20 +69,24 @@ class Schedule:
     def __init__(self, horizon: float = 1.0):
         self.horizon = V.check_positive_float(horizon, "horizon")
 
+    @abc.abstractmethod
     def mu(self, t: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
+        """Drift coefficient μ(t)."""
 
+    @abc.abstractmethod
     def g(self, t: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
+        """Diffusion coefficient g(t)."""
 
+    @abc.abstractmethod
     def dg(self, t: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
+        """g′(t)."""
 
+    @abc.abstractmethod
     def log_c(self, t: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
+        """log c(t) = ∫_0^t μ."""
 
-    def brownian_variance(self, t: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
+    # Optional closed form; ``_has_closed_variance`` detects whether a subclass overrides it.
+    brownian_variance = None
 
 
 class VPSchedule(Schedule):
@@ -758,7 +763,7 @@ class LinearFractionalDynamics(nn.Module):
 
 
 def _has_closed_variance(schedule: Schedule) -> bool:
-    return type(schedule).brownian_variance is not Schedule.brownian_variance
+    return type(schedule).brownian_variance is not None
 
 
 def _check_shape(shape) -> tuple:
