@@ -177,7 +177,8 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict]:
     p.add_argument("--dynamics", nargs="+", default=["vp", "fvp:H=0.9,K=3"],
                    help="dynamics to compare: vp, ve, fvp:H=<hurst>,K=<processes>, fve:H=…,K=…")
     p.add_argument("--out", default="runs/compare", help="output folder")
-    p.add_argument("--reuse", action="store_true", help="reuse finished runs in OUT instead of retraining")
+    p.add_argument("--reuse", action="store_true",
+                   help="reuse finished runs in OUT instead of retraining (unfinished ones are resumed)")
     _add_train_args(p, compare=True)
     g = p.add_argument_group("sampling and metrics")
     g.add_argument("--num-samples", type=int, default=500, help="samples per dynamics for FID and VS_p")

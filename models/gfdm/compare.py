@@ -84,6 +84,9 @@ def compare(specs: list[DynamicsSpec], base: TrainConfig, out, *, num_samples: i
                       if spec.name in ("fvp", "fve") else base.num_processes, out=str(out / spec.slug),
                       resume="auto" if reuse else None, overwrite=not reuse)
         result = train(cfg, log=log)
+        if result["stopped"]:      # SIGTERM / Ctrl-C / time limit: stop the whole comparison, resumable
+            log(f"compare stopped during {spec.label} ({result['stopped']}); rerun with --reuse to continue")
+            return {}
         model, dyn, state = load_for_sampling(result["checkpoint"], device=ctx.device, weights="ema")
         labels = class_labels(num_samples, model.config.num_classes)
         t0 = time.perf_counter()
