@@ -29,15 +29,6 @@ RUN = TINY + ["--dynamics", "fvp", "--hurst", "0.9", "--num-processes", "3", "--
               "--grid-steps", "10", "--sample-num", "16", "--dropout", "0.1", "--lr", "1e-3"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """In-process work on one thread: on a shared 2-core machine two OpenMP threads can be 20x slower."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
     cache = tmp_path_factory.getbasetemp() / "gfdm-cache"    # shared by the gfdm test files of a session

@@ -26,15 +26,6 @@ from models.gfdm.unet import PRESETS, UNet, UNetConfig, unet_config
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """In-process work on one thread: on a shared 2-core machine two OpenMP threads can be 20x slower."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 # --------------------------------------------------------------------------------------------- U-Net
 @pytest.mark.parametrize("preset", ["digits-tiny", "digits-small", "digits", "mnist-small"])
 def test_unet_presets_map_images_to_same_shape_and_start_at_zero(preset):
