@@ -7,7 +7,8 @@ import warnings
 
 import torch
 
-from fracsde.markov import _gram_type2, _moments_type2, geometric_gammas, optimal_weights
+from fracsde.kinds import TypeII
+from fracsde.markov import geometric_gammas, optimal_weights
 
 
 def main(argv=None):
@@ -22,8 +23,8 @@ def main(argv=None):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             sol = optimal_weights(args.hurst, g)
-        A = _gram_type2(g, 1.0)
-        b, _ = _moments_type2(torch.tensor(args.hurst, dtype=torch.float64), g, 1.0)
+        A = TypeII().gram(g, 1.0)
+        b, _ = TypeII().moments(torch.tensor(args.hurst, dtype=torch.float64), g, 1.0)
         w32 = torch.linalg.solve(A.float(), b.float()).double()
         print(f"{k:>2} {sol.condition_number:10.2e} {float((w32 - sol.weights).abs().max()):16.3g} "
               f"{float(sol.relative_error):24.3e}")

@@ -1,6 +1,7 @@
 """fracsde: stochastic differential equations driven by fractional Brownian motion, in PyTorch."""
 from ._warnings import FracsdeWarning, IllConditionedWarning
 from .fbm import FractionalBrownianMotion
+from .noise import MarkovNoise
 from .markov import MarkovApproxFBM, geometric_gammas, optimal_weights
 from .linear import LinearFractionalDynamics, VESchedule, VPSchedule
 from .reverse import ReverseTimeSDE, euler_maruyama
@@ -12,6 +13,7 @@ __all__ = [
     "FracsdeWarning",
     "IllConditionedWarning",
     "FractionalBrownianMotion",
+    "MarkovNoise",
     "MarkovApproxFBM",
     "geometric_gammas",
     "optimal_weights",

@@ -33,7 +33,10 @@ from torch.distributions.transforms import SigmoidTransform
 from torch.distributions.utils import lazy_property
 
 from . import _validation as V
+from .kinds import get_kind
 from .markov import geometric_gammas, optimal_weights
+from .noise import MarkovNoise, check_rates
+from .numerics import augmented_system, discretize_linear_sde, is_uniform_grid, jittered_cholesky
 
 __all__ = ["FractionalBrownianPath", "FractionalOU", "open_unit_interval", "x_covariance"]
 
@@ -69,51 +72,6 @@ def _result_dtype(*tensors) -> torch.dtype:
 
 
 # ---------------------------------------------------------------------------------------- exact fBM
-def _rl_covariance(hurst: torch.Tensor, s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    """Riemann–Liouville Cov(B_s, B_t), differentiable in H, s and t (float64, broadcasting).
-
-    Off the diagonal, with v = s − u, d = |t − s| and the substitution v = min(s,t)·σ(−x) (x ∈ ℝ),
-        Γ(H+½)² Cov = ∫_0^{min} v^a (v + d)^a dv,   a = H − ½,
-    becomes an integral over ℝ of a function analytic in the strip |Im x| < π that decays like
-    e^{x} on the left and e^{−(H+½)x} on the right, so the plain trapezoid rule converges
-    geometrically (error ∝ e^{−2π²/step}). With step ½ it agrees with scipy's ₂F₁ and with
-    30-digit mpmath quadrature to ~5e−14 relative (tested). The diagonal uses the closed form
-    t^{2H} / (2H Γ(H+½)²), where the integrand would decay only like e^{−2Hx}.
-    """
-    step = 0.5
-    lo = torch.minimum(s, t)
-    d = (t - s).abs()
-    lo, d, hurst = torch.broadcast_tensors(lo, d, hurst)
-    a = hurst - 0.5
-    positive_d = d > 0
-    # right cut-off: past the kink at x = log(min/d) the integrand decays at rate H + ½ ≥ ½
-    h_min = float(hurst.detach().min()) if hurst.numel() else 0.5
-    ratio = (lo / torch.where(positive_d, d, torch.ones_like(d))).detach()
-    kink = float(torch.log(ratio.clamp(min=1.0)).max()) if ratio.numel() else 0.0
-    x = torch.arange(-40.0, kink + 40.0 / (h_min + 0.5) + step, step, dtype=torch.float64, device=lo.device)
-    sp_pos = torch.nn.functional.softplus(x)     # −log σ(−x)
-    sp_neg = torch.nn.functional.softplus(-x)    # −log σ(x)
-    safe_lo = torch.where(lo > 0, lo, torch.ones_like(lo))
-    safe_d = torch.where(positive_d, d, torch.ones_like(d))
-    log_lo = torch.log(safe_lo)[..., None]
-    log_v = log_lo - sp_pos                        # log v(x)
-    a_ = a[..., None]
-    log_f = log_lo + a_ * log_v + a_ * torch.log(torch.exp(log_v) + safe_d[..., None]) - sp_pos - sp_neg
-    off_diag = torch.exp(log_f).sum(-1) * step
-    diag = safe_lo ** (2 * hurst) / (2 * hurst)
-    integral = torch.where(positive_d, off_diag, diag)
-    integral = torch.where(lo > 0, integral, torch.zeros_like(integral))
-    return integral / torch.exp(2 * torch.lgamma(hurst + 0.5))
-
-
-def _uniform_step(ts: torch.Tensor) -> Optional[float]:
-    """δ if ts is an arithmetic progression (within round-off), else None."""
-    if ts.numel() < 3:
-        return None
-    d = torch.diff(ts)
-    return float(d[0]) if bool(torch.allclose(d, d[:1].expand_as(d), rtol=1e-10, atol=0)) else None
-
-
 @functools.lru_cache(maxsize=8)
 def _toeplitz_index(n: int, device) -> torch.Tensor:
     idx = torch.arange(n, device=device)
@@ -122,13 +80,14 @@ def _toeplitz_index(n: int, device) -> torch.Tensor:
 
 def _fbm_covariance(hurst: torch.Tensor, ts: torch.Tensor, kind: str) -> torch.Tensor:
     """(*hurst.shape, n, n) exact covariance of fBM at the times ``ts`` (float64)."""
-    h = hurst[..., None, None]
-    if kind == "type2":
-        return _rl_covariance(h, ts[:, None], ts[None, :])
+    rules = get_kind(kind)
+    if not rules.stationary_increments:
+        return rules.covariance(hurst[..., None, None], ts[:, None], ts[None, :])
+    # type I, assembled from n powers (and n lags on a uniform grid) instead of n² of each
     h2 = 2 * hurst[..., None]
     power = ts ** h2                                         # (*B, n)
-    step = _uniform_step(ts)
-    if step is not None:
+    if ts.numel() > 2 and is_uniform_grid(ts):
+        step = float(ts[1] - ts[0])
         # |t_i − t_j| = |i − j| δ: n distinct powers instead of n², gathered into a Toeplitz matrix
         n = ts.numel()
         lag_power = (step * torch.arange(n, dtype=ts.dtype, device=ts.device)) ** h2     # (*B, n)
@@ -347,10 +306,10 @@ class FractionalBrownianPath(TorchDistribution):
     @lazy_property
     def _toeplitz_step(self) -> Optional[float]:
         """δ when ts = (δ, 2δ, …, nδ) and kind is type I: the increments are then stationary (fGn)."""
-        if self.kind != "type1":
+        if not get_kind(self.kind).stationary_increments or self.ts.numel() < 3 or not is_uniform_grid(self.ts):
             return None
-        step = _uniform_step(self.ts)
-        if step is None or abs(float(self.ts[0]) - step) > 1e-10 * step:
+        step = float(self.ts[1] - self.ts[0])
+        if abs(float(self.ts[0]) - step) > 1e-10 * step:
             return None
         return step
 
@@ -385,49 +344,6 @@ def _ma_weights(hurst: torch.Tensor, gammas: torch.Tensor, kind: str, horizon: f
     flat = hurst.reshape(-1)
     rows = [optimal_weights(h, gammas, kind, horizon).weights for h in flat.unbind(0)]
     return torch.stack(rows, 0).reshape(hurst.shape + gammas.shape)
-
-
-def _augmented_system(theta, sigma, weights, gammas):
-    """Drift matrix F (*B, D, D) and diffusion vector G (*B, D) of z = (X, Y_1..Y_K), D = K + 1.
-
-    dX = [−θX − σ Σ_k ω_k γ_k Y_k] dt + σ (Σ_k ω_k) dW,   dY_k = −γ_k Y_k dt + dW.
-    """
-    K = gammas.numel()
-    batch = weights.shape[:-1]
-    F = weights.new_zeros(batch + (K + 1, K + 1))
-    F[..., 0, 0] = -theta
-    F[..., 0, 1:] = -sigma[..., None] * weights * gammas
-    F[..., 1:, 1:] = torch.diag(-gammas)
-    G = torch.cat([(sigma * weights.sum(-1))[..., None], weights.new_ones(batch + (K,))], -1)
-    return F, G
-
-
-def _discretize(F: torch.Tensor, G: torch.Tensor, steps: torch.Tensor):
-    """Exact transition over each step h: A = e^{Fh} and Q = ∫_0^h e^{Fs} G Gᵀ e^{Fᵀs} ds.
-
-    F (*B, D, D), G (*B, D), steps (S,) ≥ 0  →  A, Q of shape (*B, S, D, D), float64.
-    Van Loan: expm([[−F, GGᵀ], [0, Fᵀ]] h) = [[·, M12], [0, M22]], A = M22ᵀ, Q = A M12. The
-    block e^{−Fh} grows like e^{‖F‖h} and would swamp Q in round-off, so the exponential is
-    taken over h / 2^m with ‖F‖ h / 2^m ≤ 1 and the step is doubled m times,
-    Q(2h) = Q(h) + A(h) Q(h) A(h)ᵀ, A(2h) = A(h)² — every term positive semi-definite.
-    """
-    D = F.shape[-1]
-    norm = float(F.detach().abs().sum(-1).amax()) if F.numel() else 0.0
-    h_max = float(steps.detach().max()) if steps.numel() else 0.0
-    m = math.ceil(math.log2(norm * h_max)) if norm * h_max > 1 else 0
-    h = (steps / 2 ** m)[:, None, None]
-    F_ = F.unsqueeze(-3)
-    GG = (G[..., :, None] * G[..., None, :]).unsqueeze(-3)
-    top = torch.cat([-F_ * h, GG * h], -1)
-    bottom = torch.cat([torch.zeros_like(top[..., :D]).expand(top.shape[:-1] + (D,)), F_.transpose(-1, -2) * h], -1)
-    E = torch.linalg.matrix_exp(torch.cat([top, bottom], -2))
-    A = E[..., D:, D:].transpose(-1, -2)
-    Q = A @ E[..., :D, D:]
-    Q = 0.5 * (Q + Q.transpose(-1, -2))
-    for _ in range(m):
-        Q = Q + A @ Q @ A.transpose(-1, -2)
-        A = A @ A
-    return A, Q
 
 
 def _associative_scan(combine, elems):
@@ -492,20 +408,6 @@ def _kalman_combine(first, second):
     return A, b, C, eta, J
 
 
-def _psd_factor(cov: torch.Tensor) -> torch.Tensor:
-    """Differentiable L with L Lᵀ ≈ cov for nearly singular PSD step covariances.
-
-    cov + ε I with ε = 1e−13 · trace(cov) (+1e−300 so a zero matrix works): the MA-fBM step
-    covariance is nearly rank one (cond up to 1e18), and this jitter perturbs the sampled law by
-    a relative 1e−13 — far below anything a sample can resolve — while keeping Cholesky and its
-    backward pass well defined.
-    """
-    D = cov.shape[-1]
-    tr = cov.diagonal(dim1=-2, dim2=-1).sum(-1)
-    eps = (1e-13 * tr + 1e-300)[..., None, None]
-    return torch.linalg.cholesky(cov + eps * torch.eye(D, dtype=cov.dtype, device=cov.device))
-
-
 class FractionalOU(TorchDistribution):
     r"""A fractional Ornstein–Uhlenbeck process driven by MA-fBM, observed with Gaussian noise.
 
@@ -526,6 +428,9 @@ class FractionalOU(TorchDistribution):
             L2-optimal; defaults to ``ts[-1]``. The default rates are the geometric grid divided by
             ``horizon``, i.e. the MA-fBM of [0, 1] rescaled in time to [0, horizon] (fBM is
             self-similar, so the approximation error does not depend on the time unit).
+        noise: instead of (hurst, num_processes, gamma_max, kind, gammas, horizon), any
+            :class:`fracsde.MarkovNoise` (e.g. a :class:`fracsde.MarkovApproxFBM`, whose learnable H stays
+            differentiable, or user-given rates and weights); pass ``hurst=None`` with it.
 
     Every parameter may be a tensor (batch shape = their broadcast shape); ``log_prob`` is
     differentiable in all of them, H included (through the weight solve). All internal maths
@@ -538,7 +443,7 @@ class FractionalOU(TorchDistribution):
         >>> d.log_prob(y)
     """
 
-    arg_constraints = {
+    _constraints = {
         "hurst": open_unit_interval,
         "theta": constraints.nonnegative,
         "sigma": constraints.positive,
@@ -551,19 +456,30 @@ class FractionalOU(TorchDistribution):
 
     def __init__(self, hurst, theta, sigma, ts, obs_noise, num_processes: int = 3, gamma_max: float = 20.0,
                  kind: str = "type2", x0=0.0, loc=0.0, gammas=None, horizon: Optional[float] = None,
-                 validate_args=None):
-        self.kind = V.check_kind(kind)
+                 noise: Optional[MarkovNoise] = None, validate_args=None):
         ts = V.as_times(ts, dtype=torch.float64).to(torch.float64)
-        if horizon is None:
-            horizon = float(ts[-1]) if float(ts[-1]) > 0 else 1.0
-        self.horizon = V.check_positive_float(horizon, "horizon")
-        if gammas is None:
-            V.check_positive_int(num_processes, "num_processes", 1)
-            gammas = geometric_gammas(num_processes, gamma_max) / self.horizon
+        self.noise = noise
+        if noise is not None:
+            if not isinstance(noise, MarkovNoise):
+                raise TypeError(f"noise must be a fracsde.MarkovNoise (e.g. MarkovApproxFBM); got {type(noise).__name__}")
+            if hurst is not None:
+                raise ValueError("pass either hurst (with num_processes/gamma_max/gammas/kind/horizon) or noise, "
+                                 "not both: the noise fixes the Hurst index")
+            self.kind, self.horizon = noise.kind, noise.horizon
+            gammas = noise.gammas.to(torch.float64)
+            hurst = noise.hurst if hasattr(noise, "hurst") else float("nan")   # a plain MarkovNoise has no H
         else:
-            gammas = torch.as_tensor(gammas, dtype=torch.float64)
-            if gammas.dim() != 1 or gammas.numel() < 1 or not bool((gammas > 0).all()):
-                raise ValueError(f"gammas must be a non-empty 1-D tensor of positive rates; got {gammas}")
+            if hurst is None:
+                raise ValueError("hurst is required unless a noise is given")
+            self.kind = V.check_kind(kind)
+            if horizon is None:
+                horizon = float(ts[-1]) if float(ts[-1]) > 0 else 1.0
+            self.horizon = V.check_positive_float(horizon, "horizon")
+            if gammas is None:
+                V.check_positive_int(num_processes, "num_processes", 1)
+                gammas = geometric_gammas(num_processes, gamma_max) / self.horizon
+            else:
+                gammas = check_rates(gammas)
         self.ts = ts
         self.gammas = gammas.to(device=ts.device)
         raw = (hurst, theta, sigma, obs_noise, x0, loc)
@@ -573,13 +489,20 @@ class FractionalOU(TorchDistribution):
         super().__init__(params[0].shape, torch.Size([ts.numel()]), validate_args=validate_args)
 
     @property
+    def arg_constraints(self) -> dict:
+        """The parameters' constraints; H is not a free parameter when a plain :class:`MarkovNoise` is given."""
+        if self.__dict__.get("noise") is not None and not hasattr(self.noise, "hurst"):
+            return {k: v for k, v in self._constraints.items() if k != "hurst"}
+        return self._constraints
+
+    @property
     def num_processes(self) -> int:
         return self.gammas.numel()
 
     def expand(self, batch_shape, _instance=None):
         new = self._get_checked_instance(FractionalOU, _instance)
         batch_shape = torch.Size(batch_shape)
-        for name in ("kind", "horizon", "ts", "gammas", "_dtype"):
+        for name in ("kind", "horizon", "ts", "gammas", "_dtype", "noise"):
             setattr(new, name, getattr(self, name))
         for name in ("hurst", "theta", "sigma", "obs_noise", "x0", "loc"):
             setattr(new, name, getattr(self, name).expand(batch_shape))
@@ -590,35 +513,37 @@ class FractionalOU(TorchDistribution):
     # ------------------------------------------------------------------ the linear-Gaussian model
     @lazy_property
     def weights(self) -> torch.Tensor:
-        """(*batch, K) MA-fBM weights ω(H), differentiable in H."""
+        """(*batch, K) MA-fBM weights ω(H), differentiable in H (or the given noise's weights)."""
+        if self.noise is not None:
+            return self.noise.weights.to(self.gammas.device).expand(self.batch_shape + self.gammas.shape)
         return _ma_weights(self.hurst, self.gammas, self.kind, self.horizon)
 
     @lazy_property
-    def _system(self):
-        return _augmented_system(self.theta, self.sigma, self.weights, self.gammas)
+    def augmented_system(self):
+        """(F, G): drift matrix (*batch, K+1, K+1) and noise vector (*batch, K+1) of z = (X − μ, Y)."""
+        return augmented_system(-self.theta, self.sigma, self.weights, self.gammas)
 
     def _initial_moments(self):
         """Mean (*B, D) and covariance (*B, D, D) of z(0) for the zero-level process X − μ."""
-        F, _ = self._system
+        F, _ = self.augmented_system
         D = F.shape[-1]
         m0 = F.new_zeros(F.shape[:-1])
         m0[..., 0] = self.x0 - self.loc
         P0 = F.new_zeros(F.shape[:-2] + (D, D))
-        if self.kind == "type1":
-            P0[..., 1:, 1:] = 1.0 / (self.gammas[:, None] + self.gammas[None, :])
+        P0[..., 1:, 1:] = get_kind(self.kind).initial_covariance(self.gammas)
         return m0, P0
 
     @lazy_property
     def _transitions(self):
         """A, Q of shape (*B, n, D, D): step k goes from t_{k−1} to t_k (t_{−1} = 0)."""
-        F, G = self._system
+        F, G = self.augmented_system
         steps = torch.diff(self.ts, prepend=self.ts.new_zeros(1))
         n = steps.numel()
-        if n > 2 and bool(torch.allclose(steps[1:], steps[1:2].expand(n - 1), rtol=1e-10, atol=0)):
-            A, Q = _discretize(F, G, steps[:2])          # uniform grid: two distinct steps
+        if n > 2 and is_uniform_grid(self.ts):
+            A, Q = discretize_linear_sde(F, G, steps[:2])          # uniform grid: two distinct steps
             idx = torch.cat([steps.new_zeros(1, dtype=torch.long), steps.new_ones(n - 1, dtype=torch.long)])
             return A[..., idx, :, :], Q[..., idx, :, :]
-        return _discretize(F, G, steps)
+        return discretize_linear_sde(F, G, steps)
 
     def _first_prediction(self):
         A, Q = self._transitions
@@ -690,7 +615,7 @@ class FractionalOU(TorchDistribution):
         batch = sample_shape + self.batch_shape
         n = self.ts.numel()
         eps = torch.randn(batch + (n, D), dtype=torch.float64, device=self.ts.device)
-        L = torch.cat([_psd_factor(Pp0).unsqueeze(-3), _psd_factor(Q[..., 1:, :, :])], -3)
+        L = torch.cat([jittered_cholesky(Pp0).unsqueeze(-3), jittered_cholesky(Q[..., 1:, :, :])], -3)
         w = (L @ eps.unsqueeze(-1)).squeeze(-1)
         w = torch.cat([w[..., :1, :] + mp0.unsqueeze(-2), w[..., 1:, :]], -2)
         A = torch.cat([torch.zeros_like(A[..., :1, :, :]), A[..., 1:, :, :]], -3).expand(batch + (n, D, D))
@@ -704,7 +629,7 @@ class FractionalOU(TorchDistribution):
     # ------------------------------------------------------------------ dense reference
     @property
     def mean(self) -> torch.Tensor:
-        F, _ = self._system
+        F, _ = self.augmented_system
         m0, _ = self._initial_moments()
         Phi_row0 = torch.linalg.matrix_exp(F.unsqueeze(-3) * self.ts[:, None, None])[..., 0, :]
         return (Phi_row0 * m0.unsqueeze(-2)).sum(-1) + self.loc[..., None]
@@ -736,15 +661,15 @@ def x_covariance(dist: FractionalOU, ts: Optional[torch.Tensor] = None, chunk_el
     exponential per pair. Rows are processed in chunks of about ``chunk_elems`` numbers.
     """
     ts = dist.ts if ts is None else V.as_times(ts, dtype=torch.float64)
-    F, G = dist._system
+    F, G = dist.augmented_system
     m0, P0 = dist._initial_moments()
     D = F.shape[-1]
     batch = F.shape[:-2]
-    A_t, Q_t = _discretize(F, G, ts)
+    A_t, Q_t = discretize_linear_sde(F, G, ts)
     Sigma_row0 = (A_t @ P0.unsqueeze(-3) @ A_t.transpose(-1, -2) + Q_t)[..., 0, :]   # (*B, n, D)
     n = ts.numel()
     d = ts.diff()
-    uniform = n > 2 and bool(torch.allclose(d, d[:1].expand_as(d), rtol=1e-10, atol=0))
+    uniform = n > 2 and is_uniform_grid(ts)
     out = F.new_zeros(batch + (n, n))
     rows = max(1, chunk_elems // max(1, n * D * (1 if uniform else D)))
     if uniform:

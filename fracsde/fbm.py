@@ -2,20 +2,18 @@
 
 Type I (Mandelbrot–van Ness, "standard" fBM): stationary increments,
     Cov(B_s, B_t) = ½ (s^{2H} + t^{2H} − |t − s|^{2H}).
-Type II (Riemann–Liouville): B_t = 1/Γ(H+½) ∫_0^t (t − u)^{H−½} dW_u, for s ≤ t
-    Cov(B_s, B_t) = s^{α+1} t^{α} ₂F₁(−α, 1; α + 2; s/t) / ((α + 1) Γ(α + 1)²),   α = H − ½,
-which follows from the Euler integral of ₂F₁ (argument in [0, 1], where scipy is accurate).
+Type II (Riemann–Liouville): B_t = 1/Γ(H+½) ∫_0^t (t − u)^{H−½} dW_u (covariance by the quadrature of
+:func:`fracsde.kinds.rl_covariance`, checked against ₂F₁ and mpmath in the tests).
 """
 from __future__ import annotations
 
-import math
 from typing import Optional
 
-import numpy as np
-import scipy.special
 import torch
 
 from . import _validation as V
+from .kinds import get_kind
+from .numerics import is_uniform_grid, psd_factor
 
 __all__ = ["FractionalBrownianMotion"]
 
@@ -41,26 +39,20 @@ class FractionalBrownianMotion:
     # ------------------------------------------------------------------ covariance
     def variance(self, t) -> torch.Tensor:
         t = torch.as_tensor(t, dtype=torch.float64)
-        h = torch.as_tensor(self.hurst, dtype=torch.float64)
-        if self.kind == "type1":
-            return t ** (2 * h)
-        return t ** (2 * h) / (2 * h * torch.exp(2 * torch.lgamma(h + 0.5)))
+        return get_kind(self.kind).variance(torch.as_tensor(self.hurst, dtype=torch.float64), t)
 
     def covariance(self, s, t) -> torch.Tensor:
-        """Exact Cov(B_s, B_t), broadcasting over s and t (float64).
+        """Exact Cov(B_s, B_t), broadcasting over s and t (float64), differentiable in a tensor ``hurst``.
 
-        Type I is written in torch and is differentiable in a tensor ``hurst``; type II goes
-        through scipy's ₂F₁ (accurate to ~1e−13 relative; not differentiable in H).
+        Type I in closed form; type II by :func:`fracsde.kinds.rl_covariance` (~5e−14 relative to 30-digit
+        quadrature).
         """
         s = torch.as_tensor(s, dtype=torch.float64)
         t = torch.as_tensor(t, dtype=torch.float64)
         if bool((s < 0).any()) or bool((t < 0).any()):
             raise ValueError("covariance: times must be non-negative")
         s, t = torch.broadcast_tensors(s, t)
-        if self.kind == "type1":
-            h2 = 2 * torch.as_tensor(self.hurst, dtype=torch.float64)
-            return 0.5 * (s ** h2 + t ** h2 - (t - s).abs() ** h2)
-        return _rl_covariance(float(self.hurst), s, t)
+        return get_kind(self.kind).covariance(torch.as_tensor(self.hurst, dtype=torch.float64), s, t)
 
     # ------------------------------------------------------------------ sampling
     def sample(self, ts, batch_size: int = 1, method: str = "auto", generator: Optional[torch.Generator] = None,
@@ -77,9 +69,10 @@ class FractionalBrownianMotion:
         device = torch.device(device) if device is not None else torch.device("cpu")
         ts64 = V.as_times(ts, dtype=torch.float64).cpu()
         if method == "auto":
-            method = "davies-harte" if self.kind == "type1" and _uniform_from_zero(ts64) is not None else "cholesky"
+            stationary = get_kind(self.kind).stationary_increments
+            method = "davies-harte" if stationary and _uniform_from_zero(ts64) is not None else "cholesky"
         if method == "davies-harte":
-            if self.kind != "type1":
+            if not get_kind(self.kind).stationary_increments:
                 raise ValueError("method='davies-harte' needs stationary increments: only kind='type1'; "
                                  "use method='cholesky' for type2")
             step = _uniform_from_zero(ts64)
@@ -97,7 +90,7 @@ class FractionalBrownianMotion:
         if tp.numel() == 0:
             return out
         cov = self.covariance(tp[:, None], tp[None, :])
-        L = _cholesky_psd(cov).to(device=device, dtype=dtype)
+        L = psd_factor(cov).to(device=device, dtype=dtype)
         z = torch.randn(batch_size, tp.numel(), generator=generator, dtype=dtype, device=device)
         out[:, pos.to(device)] = z @ L.T
         return out
@@ -134,32 +127,10 @@ def _uniform_from_zero(ts: torch.Tensor) -> Optional[float]:
     """Return δ if ts[i] = (k0 + i) δ for an integer k0 ≥ 0 (within round-off), else None."""
     if ts.numel() < 2:
         return float(ts[0]) if ts.numel() == 1 and float(ts[0]) > 0 else None
-    d = torch.diff(ts)
-    step = float(d.mean())
-    if not bool(torch.allclose(d, torch.full_like(d, step), rtol=1e-5, atol=0)):  # float32 grids
+    if not is_uniform_grid(ts):
         return None
+    step = float(torch.diff(ts).mean())
     k0 = float(ts[0]) / step
     if abs(k0 - round(k0)) > 1e-4:
         return None
     return step
-
-
-def _cholesky_psd(cov: torch.Tensor) -> torch.Tensor:
-    L, info = torch.linalg.cholesky_ex(cov)
-    if int(info) == 0:
-        return L
-    # numerically semi-definite (very fine grids, H close to 1): eigen-factor with clamping
-    evals, evecs = torch.linalg.eigh(cov)
-    return evecs * torch.sqrt(torch.clamp(evals, min=0.0))[None, :]
-
-
-def _rl_covariance(hurst: float, s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    a = hurst - 0.5
-    lo = torch.minimum(s, t).numpy()
-    hi = torch.maximum(s, t).numpy()
-    out = np.zeros_like(lo)
-    pos = lo > 0
-    z = lo[pos] / hi[pos]
-    f = scipy.special.hyp2f1(-a, 1.0, a + 2.0, z)
-    out[pos] = lo[pos] ** (a + 1) * hi[pos] ** a * f / ((a + 1) * math.gamma(a + 1) ** 2)
-    return torch.from_numpy(out)

@@ -21,8 +21,10 @@ import torch
 from torch import nn
 
 from . import _validation as V
-from .distributions import FractionalOU, _discretize, x_covariance
+from .distributions import FractionalOU, x_covariance
 from .markov import MarkovApproxFBM
+from .noise import MarkovNoise
+from .numerics import discretize_linear_sde
 from .sde import FractionalSDE, sdeint
 
 __all__ = ["LatentFractionalSDE", "ELBO", "AffineControl", "MLPControl", "LinearDrift", "fit", "exact_bridge",
@@ -143,7 +145,8 @@ class LatentFractionalSDE(FractionalSDE):
             neural network or :class:`LinearDrift`).
         control: ``u(t, x, y) -> (batch, d)`` with ``y`` the OU states ``(batch, d, K)``
             (e.g. :class:`AffineControl` or :class:`MLPControl`).
-        noise: the :class:`MarkovApproxFBM` (``learnable_hurst=True`` to learn H).
+        noise: any :class:`fracsde.MarkovNoise`, e.g. a :class:`MarkovApproxFBM` (``learnable_hurst=True`` to
+            learn H) or user-given rates and weights.
         state_dim: d; each coordinate is driven by its own copy of B̂ (additive noise, m = d).
         sigma: initial diffusion scale (> 0); ``learn_sigma`` makes it a parameter.
         obs_noise: std of the Gaussian observation noise; ``learn_obs_noise`` makes it a parameter.
@@ -162,7 +165,7 @@ class LatentFractionalSDE(FractionalSDE):
     noise_type = "additive"
     sde_type = "ito"
 
-    def __init__(self, drift: nn.Module, control: nn.Module, noise: MarkovApproxFBM, state_dim: int = 1,
+    def __init__(self, drift: nn.Module, control: nn.Module, noise: MarkovNoise, state_dim: int = 1,
                  sigma: float = 1.0, obs_noise: float = 0.1, learn_sigma: bool = False,
                  learn_obs_noise: bool = False, x0: Optional[torch.Tensor] = None):
         super().__init__(noise)
@@ -258,23 +261,37 @@ class BridgeProblem:
     """Prior dX = −θX dt + σ dB̂ (MA-fBM, X_0 = 0), one observation y = X_T + N(0, r²).
 
     Holds the linear-Gaussian model and gives the exact posterior (mean, std over a grid),
-    the exact log evidence log p(y), and the exact optimal control.
+    the exact log evidence log p(y), and the exact optimal control. The noise is the MA-fBM of
+    (hurst, num_processes, gamma_max, kind, horizon), or any :class:`fracsde.MarkovNoise` passed as
+    ``driving_noise`` (then ``hurst`` may be None).
     """
 
-    def __init__(self, hurst: float, theta: float = 1.0, sigma: float = 1.0, obs_time: float = 1.0,
+    def __init__(self, hurst: Optional[float], theta: float = 1.0, sigma: float = 1.0, obs_time: float = 1.0,
                  obs_value: float = 1.0, obs_noise: float = 0.1, num_processes: int = 3, gamma_max: float = 20.0,
-                 kind: str = "type2", horizon: float = 1.0):
-        V.check_hurst(hurst)
-        self.hurst, self.theta, self.sigma = float(hurst), float(theta), float(sigma)
+                 kind: str = "type2", horizon: float = 1.0, driving_noise: Optional[MarkovNoise] = None):
+        if driving_noise is None:
+            V.check_hurst(hurst)
+        elif not isinstance(driving_noise, MarkovNoise):
+            raise TypeError(f"driving_noise must be a fracsde.MarkovNoise; got {type(driving_noise).__name__}")
+        self.hurst = None if hurst is None else float(hurst)
+        self.theta, self.sigma = float(theta), float(sigma)
         self.obs_time = V.check_positive_float(obs_time, "obs_time")
         self.obs_value, self.obs_noise = float(obs_value), V.check_positive_float(obs_noise, "obs_noise")
         self.num_processes, self.gamma_max, self.kind, self.horizon = num_processes, gamma_max, kind, horizon
+        self.driving_noise = driving_noise
 
-    def noise(self, learnable_hurst: bool = False) -> MarkovApproxFBM:
+    def noise(self, learnable_hurst: bool = False) -> MarkovNoise:
+        """The driving noise: ``driving_noise`` if given, else a fresh MA-fBM (learnable H on request)."""
+        if self.driving_noise is not None:
+            if learnable_hurst:
+                raise ValueError("learnable_hurst needs the MA-fBM of hurst/num_processes; a driving_noise was given")
+            return self.driving_noise
         return MarkovApproxFBM(self.hurst, self.num_processes, self.gamma_max, kind=self.kind, horizon=self.horizon,
                                learnable_hurst=learnable_hurst)
 
     def _dist(self, ts) -> FractionalOU:
+        if self.driving_noise is not None:
+            return FractionalOU(None, self.theta, self.sigma, ts, self.obs_noise, noise=self.driving_noise)
         return FractionalOU(torch.tensor(self.hurst, dtype=torch.float64), self.theta, self.sigma, ts,
                             self.obs_noise, num_processes=self.num_processes, gamma_max=self.gamma_max,
                             kind=self.kind, horizon=self.horizon)
@@ -322,14 +339,14 @@ class OptimalBridgeControl(nn.Module):
         super().__init__()
         self.problem = problem
         d = problem._dist(torch.tensor([problem.obs_time], dtype=torch.float64))
-        F, G = d._system
+        F, G = d.augmented_system
         self.register_buffer("F", F.detach())
         self.register_buffer("G", G.detach())
 
     def forward(self, t, x, y):
         p = self.problem
         tau = (p.obs_time - torch.as_tensor(t, dtype=torch.float64)).clamp(min=0).reshape(1)
-        A, Q = _discretize(self.F, self.G, tau)
+        A, Q = discretize_linear_sde(self.F, self.G, tau)
         row = A[0, 0]                                                  # e₀ᵀΦ, (D,)
         s = Q[0, 0, 0] + p.obs_noise ** 2
         z = torch.cat([x.reshape(x.shape[0], -1), y.reshape(y.shape[0], -1)], 1).to(torch.float64)

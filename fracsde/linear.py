@@ -46,9 +46,11 @@ from scipy.interpolate import CubicSpline
 from torch import nn
 
 from . import _validation as V
+from .noise import MarkovNoise
+from .numerics import augmented_system, check_shape, log_linear_grid, log_linear_grid_times
 
 __all__ = ["Schedule", "VPSchedule", "VESchedule", "LinearFractionalDynamics", "Marginal",
-           "newton_basis", "naive_conditionals"]
+           "newton_basis", "naive_conditionals", "augmented_covariance"]
 
 _EPS = float(np.finfo(np.float64).eps)
 # The QR determines σ̃ to about _EPS·‖R‖; below this relative accuracy the power-law continuation takes over.
@@ -62,6 +64,10 @@ class Schedule(abc.ABC):
     Subclasses implement :meth:`mu`, :meth:`g`, :meth:`dg` (= g′) and :meth:`log_c` (= ∫_0^t μ), and may
     implement :meth:`brownian_variance` (Var X_t given x_0 when B̂ is Brownian motion: ∫ e^{2∫_s^t μ} g² ds).
     ``closed_form = "ve"`` marks μ ≡ 0, g = a e^{λt}, whose covariance has a closed form.
+
+    The coefficient tables of :class:`LinearFractionalDynamics` are cached by :meth:`cache_key`, built from the
+    schedule's class and the values of its attributes; a subclass holding anything else than numbers, strings
+    and arrays overrides it (or returns ``None`` to disable caching).
     """
 
     closed_form: Optional[str] = None
@@ -85,8 +91,27 @@ class Schedule(abc.ABC):
     def log_c(self, t: torch.Tensor) -> torch.Tensor:
         """log c(t) = ∫_0^t μ."""
 
-    # Optional closed form; ``_has_closed_variance`` detects whether a subclass overrides it.
-    brownian_variance = None
+    def brownian_variance(self, t: torch.Tensor) -> torch.Tensor:
+        """Var X_t given x_0 when B̂ = W (optional closed form; the Lyapunov ODE is used without it)."""
+        raise NotImplementedError(f"{type(self).__name__} has no closed-form Brownian variance")
+
+    @property
+    def has_closed_variance(self) -> bool:
+        """Whether :meth:`brownian_variance` is implemented by the subclass."""
+        return type(self).brownian_variance is not Schedule.brownian_variance
+
+    def cache_key(self) -> Optional[tuple]:
+        """A hashable key equal for schedules with equal coefficients (``None``: do not cache)."""
+        items = []
+        for name, value in sorted(vars(self).items()):
+            if isinstance(value, (bool, int, float, str)) or value is None:
+                items.append((name, value))
+            elif isinstance(value, (np.ndarray, torch.Tensor)):
+                arr = np.asarray(value.detach().cpu() if isinstance(value, torch.Tensor) else value)
+                items.append((name, str(arr.dtype), arr.shape, arr.tobytes()))
+            else:
+                return None
+        return (type(self).__module__, type(self).__qualname__, tuple(items))
 
 
 class VPSchedule(Schedule):
@@ -249,20 +274,6 @@ def _newton_kernels(s: np.ndarray, gammas: np.ndarray, N: np.ndarray, B: np.ndar
     return out
 
 
-def _grid_variable(t, horizon, tau):
-    """v(t) = log(t/T) + t/τ: logarithmic near 0 (power laws), uniform near T (resolves e^{−γ_max t})."""
-    return np.log(t / horizon) + t / tau
-
-
-def _grid_times(v, horizon, tau):
-    s = np.minimum(v + math.log(horizon), np.log(tau * np.maximum(v, 1e-300)))   # below the root
-    for _ in range(100):   # Newton on s = log t for log t − log T + e^s/τ = v (monotone, converges fast)
-        e = np.exp(s)
-        f = s - math.log(horizon) + e / tau - v
-        s = s - f / (1.0 + e / tau)
-    return np.exp(s)
-
-
 # ---------------------------------------------------------------------------------------------- the stable core
 def _conditionals(schedule: Schedule, gammas: np.ndarray, weights: np.ndarray, ts: np.ndarray,
                   chunk: int = 256) -> dict:
@@ -285,7 +296,7 @@ def _conditionals(schedule: Schedule, gammas: np.ndarray, weights: np.ndarray, t
     sub_w = sub_len[:, None] * ws[None, :] / 2
     N, _, B = newton_basis(gammas)
     Bn, Nn = B.numpy(), N.numpy()
-    out = {k: [] for k in ("eta_r", "sigma", "delta", "chol", "z", "err", "err_eta")}
+    out = {k: [] for k in ("eta_r", "sigma", "delta", "chol", "zeta", "err", "err_eta")}
     for start in range(0, ts.size, chunk):
         t = ts[start:start + chunk]                                     # (n,)
         n = t.size
@@ -321,12 +332,12 @@ def _conditionals(schedule: Schedule, gammas: np.ndarray, weights: np.ndarray, t
         eta_r = bhat * t[:, None] ** (1.0 - np.arange(K))[None, :]
         e0 = np.zeros((n, K, 1))
         e0[:, 0, 0] = 1.0
-        z = np.linalg.solve(Ryy, np.linalg.solve(np.swapaxes(Ryy, 1, 2), e0))[..., 0]   # P⁻¹ e_0
+        zeta_scaled = np.linalg.solve(Ryy, np.linalg.solve(np.swapaxes(Ryy, 1, 2), e0))[..., 0]   # P⁻¹ e_0
         out["eta_r"].append(eta_r)
         out["sigma"].append(np.abs(rrr) * t ** 1.5)
         out["delta"].append(-bhat[:, 0] * t)
         out["chol"].append(np.swapaxes(Ryy, 1, 2))
-        out["z"].append(z)
+        out["zeta"].append(zeta_scaled)
         col = np.linalg.norm(A[..., K], axis=1)
         out["err"].append(_EPS * col / np.maximum(np.abs(rrr), 1e-300))
         # error of η̃_R,j ≈ ε ‖A_R‖ ‖R_YY⁻¹‖ t^{1−j}, mapped to the standard basis by |N|ᵀ
@@ -339,20 +350,20 @@ def _conditionals(schedule: Schedule, gammas: np.ndarray, weights: np.ndarray, t
 def _lyapunov_covariance(schedule: Schedule, gammas: np.ndarray, weights: np.ndarray, ts: np.ndarray,
                          rtol: float = 1e-11) -> np.ndarray:
     """Σ(t) (standard basis, (len(ts), K+1, K+1)) from Σ' = FΣ + ΣFᵀ + GGᵀ, Σ(0) = 0, solved once (DOP853)."""
-    K = gammas.size
-    n = K + 1
-    nu = weights * gammas
-    wsum = weights.sum() if K else 1.0
+    n = gammas.size + 1
+    # F and G are affine in (μ, g): F = μ F_μ + g F_g + F_0, G = g G_g + G_0, with the pieces taken once from
+    # augmented_system (the right-hand side runs thousands of times, in numpy; the splitting is exact)
+    pieces = [augmented_system(torch.tensor(mu, dtype=torch.float64), torch.tensor(g, dtype=torch.float64),
+                               torch.from_numpy(weights), torch.from_numpy(gammas)) for mu, g in ((0, 0), (1, 0), (0, 1))]
+    (F_0, G_0), (F_1, _), (F_2, G_2) = [(F.numpy(), G.numpy()) for F, G in pieces]
+    F_mu, F_g, G_g = F_1 - F_0, F_2 - F_0, G_2 - G_0
 
     def rhs(t, s):
         S = s.reshape(n, n)
         tt = torch.tensor(t, dtype=torch.float64)
         mu, g = float(schedule.mu(tt)), float(schedule.g(tt))
-        F = np.zeros((n, n))
-        F[0, 0] = mu
-        F[0, 1:] = -g * nu
-        F[1:, 1:] = -np.diag(gammas)
-        G = np.concatenate([[g * wsum], np.ones(K)])
+        F = mu * F_mu + g * F_g + F_0
+        G = g * G_g + G_0
         FS = F @ S
         return (FS + FS.T + np.outer(G, G)).ravel()
 
@@ -362,6 +373,21 @@ def _lyapunov_covariance(schedule: Schedule, gammas: np.ndarray, weights: np.nda
         raise RuntimeError(f"Lyapunov ODE failed: {sol.message}")
     S = sol.y.T.reshape(-1, n, n)
     return 0.5 * (S + np.swapaxes(S, 1, 2))
+
+
+def augmented_covariance(schedule: Schedule, gammas: np.ndarray, weights: np.ndarray, ts: np.ndarray) -> np.ndarray:
+    """Cov(Z_t | x_0) of Z = (X, Y_1..Y_K) at the times ``ts`` (float64 numpy, (len(ts), K+1, K+1)).
+
+    Closed form for the VE-type schedule with K ≥ 1, otherwise the Lyapunov ODE Σ' = FΣ + ΣFᵀ + GGᵀ solved
+    once at tight tolerance (DOP853, rtol 1e-11). Standard basis: for K ≥ 3 near t = 0 its Schur complements
+    are meaningless in float64; :class:`LinearFractionalDynamics` uses the stable parameterisation instead.
+    """
+    gammas = np.asarray(gammas, dtype=np.float64)
+    weights = np.asarray(weights, dtype=np.float64)
+    ts = np.asarray(ts, dtype=np.float64)
+    if schedule.closed_form == "ve" and gammas.size:
+        return _ve_covariance(schedule, gammas, weights, ts)
+    return _lyapunov_covariance(schedule, gammas, weights, ts)
 
 
 def _ve_covariance(schedule: VESchedule, gammas: np.ndarray, weights: np.ndarray, ts: np.ndarray) -> np.ndarray:
@@ -419,26 +445,21 @@ _TABLE_CACHE_SIZE = 32
 def _build_tables(schedule: Schedule, gammas: np.ndarray, weights: np.ndarray, ts: np.ndarray) -> tuple[dict, dict]:
     """Values on the knots ``ts`` of every tabulated quantity, and facts about the continuation.
 
-    Cached on (repr(schedule), γ, ω, knots): building costs ~1 s for K = 5, and tests and sweeps rebuild
-    the same dynamics many times.
+    Cached on (the schedule's values, γ, ω, knots): building costs ~1 s for K = 5, and tests and sweeps
+    rebuild the same dynamics many times.
     """
-    key = (repr(schedule), gammas.tobytes(), weights.tobytes(), ts.tobytes())
-    if key in _TABLE_CACHE:
+    schedule_key = schedule.cache_key()
+    key = None if schedule_key is None else (schedule_key, gammas.tobytes(), weights.tobytes(), ts.tobytes())
+    if key is not None and key in _TABLE_CACHE:
         return _TABLE_CACHE[key]
     sch = schedule
     K = gammas.size
     tt = torch.from_numpy(ts)
     info = {"continuation_time": 0.0, "eta_continuation_time": 0.0, "continuation_exponent": float(2 * K + 1)}
-    if sch.closed_form == "ve" and K:
-        cov = _ve_covariance(sch, gammas, weights, ts)
-    else:
-        cov = _lyapunov_covariance(sch, gammas, weights, ts)
+    cov = augmented_covariance(sch, gammas, weights, ts)
     tables = {"cov_x": cov[:, 0, :] / ts[:, None]}
     if K == 0:
-        try:
-            var = sch.brownian_variance(tt).numpy()
-        except NotImplementedError:
-            var = cov[:, 0, 0]
+        var = sch.brownian_variance(tt).numpy() if sch.has_closed_variance else cov[:, 0, 0]
         tables["log_sigma2"] = np.log(var)
     else:
         cond = _conditionals(sch, gammas, weights, ts)
@@ -476,12 +497,13 @@ def _build_tables(schedule: Schedule, gammas: np.ndarray, weights: np.ndarray, t
             info["eta_continuation_time"] = float(ts[i1])
         eta_newton = g_t[:, None] * (Ninv.numpy().T @ weights)[None, :] + eta_r
         tril = np.tril_indices(K)
-        tables.update(log_sigma2=log_s2, kappa_hat=kappa_hat, eta_newton=eta_newton, z=cond["z"],
+        tables.update(log_sigma2=log_s2, kappa_hat=kappa_hat, eta_newton=eta_newton, zeta=cond["zeta"],
                       chol=cond["chol"][:, tril[0], tril[1]])
         info["relative_error"] = cond["err"]
-    if len(_TABLE_CACHE) >= _TABLE_CACHE_SIZE:
-        _TABLE_CACHE.pop(next(iter(_TABLE_CACHE)))
-    _TABLE_CACHE[key] = (tables, info)
+    if key is not None:
+        if len(_TABLE_CACHE) >= _TABLE_CACHE_SIZE:
+            _TABLE_CACHE.pop(next(iter(_TABLE_CACHE)))
+        _TABLE_CACHE[key] = (tables, info)
     return tables, info
 
 
@@ -542,35 +564,40 @@ class Marginal:
 
 
 class LinearFractionalDynamics(nn.Module):
-    """dX = μ(t) X dt + g(t) dB̂ per coordinate, B̂ the type II MA-fBM with rates γ and weights ω.
+    """dX = μ(t) X dt + g(t) dB̂ per coordinate, B̂ a type II Markov noise with rates γ and weights ω.
 
     Args:
         schedule: the coefficients μ, g (a :class:`Schedule`); its ``horizon`` T is the time horizon.
-        gammas, weights: (K,) OU rates (distinct, > 0) and weights; K = 0 (empty) means B̂ = W exactly.
+        noise: the driving :class:`fracsde.MarkovNoise` (e.g. ``MarkovApproxFBM(0.9, 3, horizon=T)`` or
+            ``MarkovNoise(gammas, weights)``), of kind ``"type2"`` (the OU states start at 0 with X);
+            its rates must be distinct. ``None`` means B̂ = W exactly (K = 0).
         grid_size: knots of the float64 splines (uniform in v = log(t/T) + t/τ, τ = min(T/20, 1/γ_max)).
         t_min: smallest knot as a fraction of T; below it values continue as power laws.
 
     All tables are buffers: ``.to(device)`` moves them, and every method evaluates on the device of ``t``.
     """
 
-    def __init__(self, schedule: Schedule, gammas=(), weights=(), grid_size: int = 2048, t_min: float = 1e-7):
+    def __init__(self, schedule: Schedule, noise: Optional[MarkovNoise] = None, grid_size: int = 2048,
+                 t_min: float = 1e-7):
         super().__init__()
         if not isinstance(schedule, Schedule):
             raise TypeError(f"schedule must be a fracsde.linear.Schedule, got {type(schedule).__name__}")
+        if noise is not None and not isinstance(noise, MarkovNoise):
+            raise TypeError(f"noise must be a fracsde.MarkovNoise (or None for Brownian motion); "
+                            f"got {type(noise).__name__}")
+        if noise is not None and noise.kind != "type2":
+            raise ValueError(f"LinearFractionalDynamics needs a noise of kind 'type2' (OU states start at 0 with "
+                             f"the data); got kind={noise.kind!r}")
         V.check_positive_int(grid_size, "grid_size", 16)
         t_min = V.check_positive_float(t_min, "t_min")
         if t_min >= 0.01:
             raise ValueError(f"t_min must be < 0.01 (a fraction of the horizon); got {t_min}")
         self.schedule = schedule
+        self.grid_size, self.t_min = grid_size, t_min
         T = self.horizon = schedule.horizon
-        g64 = torch.as_tensor(gammas, dtype=torch.float64).detach().cpu().reshape(-1)
-        w64 = torch.as_tensor(weights, dtype=torch.float64).detach().cpu().reshape(-1)
-        if g64.numel() != w64.numel():
-            raise ValueError(f"gammas and weights must have the same length; got {g64.numel()} and {w64.numel()}")
-        if g64.numel() and not bool((g64 > 0).all() & torch.isfinite(g64).all()):
-            raise ValueError(f"gammas must be finite and > 0; got {g64.tolist()}")
-        if not bool(torch.isfinite(w64).all()):
-            raise ValueError(f"weights must be finite; got {w64.tolist()}")
+        empty = torch.zeros(0, dtype=torch.float64)
+        g64 = empty if noise is None else noise.gammas.detach().to(torch.float64).cpu()
+        w64 = empty if noise is None else noise.weights.detach().to(torch.float64).cpu()
         K = self.num_processes = g64.numel()
         self.register_buffer("gammas", g64)
         self.register_buffer("weights", w64)
@@ -581,8 +608,8 @@ class LinearFractionalDynamics(nn.Module):
         self.register_buffer("weights_newton", Ninv.T @ w64 if K else w64)      # ω̃ = N⁻ᵀω: ωᵀY = ω̃ᵀỸ
 
         self.tau = min(T / 20.0, 1.0 / float(g64.max())) if K else T / 20.0
-        v = np.linspace(_grid_variable(t_min * T, T, self.tau), _grid_variable(T, T, self.tau), grid_size)
-        ts = _grid_times(v, T, self.tau)
+        v = np.linspace(log_linear_grid(t_min * T, T, self.tau), log_linear_grid(T, T, self.tau), grid_size)
+        ts = log_linear_grid_times(v, T, self.tau)
         ts[-1] = T
         values, info = _build_tables(schedule, g64.numpy(), w64.numpy(), ts)
         #: below these times σ̃/κ (resp. η) are power-law (resp. linear) continuations, not resolved values
@@ -622,7 +649,7 @@ class LinearFractionalDynamics(nn.Module):
     def conditional_std(self, t: torch.Tensor) -> torch.Tensor:
         """σ̃(t), the std of u = x − ηᵀy given x_0, in t's dtype."""
         t64 = t.to(torch.float64)
-        if self.num_processes == 0 and _has_closed_variance(self.schedule):
+        if self.num_processes == 0 and self.schedule.has_closed_variance:
             return torch.sqrt(self.schedule.brownian_variance(t64)).to(t.dtype)
         return torch.exp(0.5 * self.spline(self._v(t64), "log_sigma2")[..., 0]).to(t.dtype)
 
@@ -647,7 +674,7 @@ class LinearFractionalDynamics(nn.Module):
         out["delta"] = kappa * sigma
         out["eta_newton"] = take(vals, "eta_newton")
         powers = torch.arange(1, K + 1, dtype=torch.float64, device=t64.device)
-        out["zeta_newton"] = take(vals, "z") / t64[..., None] ** powers
+        out["zeta_newton"] = take(vals, "zeta") / t64[..., None] ** powers
         return out
 
     def newton_cov_factor(self, t: torch.Tensor) -> torch.Tensor:
@@ -675,32 +702,25 @@ class LinearFractionalDynamics(nn.Module):
         dtype = t.dtype
         t = t.to(self.gammas.device)
         t64 = t.to(torch.float64)
-        co = self.coefficients(t64)
+        coef = self.coefficients(t64)
         K = self.num_processes
         cov_x = self.spline(self._v(t64), "cov_x") * t64[..., None]
-        eta = co["eta_newton"] @ self.newton if K else co["eta_newton"]          # η = Nᵀη̃
+        eta = coef["eta_newton"] @ self.newton if K else coef["eta_newton"]          # η = Nᵀη̃
         cast = lambda x: x.to(dtype)  # noqa: E731
-        return Marginal(t=t, c=cast(co["c"]), sigma=cast(co["sigma"]), eta=cast(eta), cov_yy=cast(self.cov_yy(t64)),
-                        cov_xx=cast(cov_x[..., 0]), cov_xy=cast(cov_x[..., 1:]), mu=cast(co["mu"]), g=cast(co["g"]),
-                        delta=cast(co["delta"]), kappa=cast(co["kappa"]), eta_newton=cast(co["eta_newton"]),
-                        zeta_newton=cast(co["zeta_newton"]))
+        return Marginal(t=t, c=cast(coef["c"]), sigma=cast(coef["sigma"]), eta=cast(eta), cov_yy=cast(self.cov_yy(t64)),
+                        cov_xx=cast(cov_x[..., 0]), cov_xy=cast(cov_x[..., 1:]), mu=cast(coef["mu"]), g=cast(coef["g"]),
+                        delta=cast(coef["delta"]), kappa=cast(coef["kappa"]), eta_newton=cast(coef["eta_newton"]),
+                        zeta_newton=cast(coef["zeta_newton"]))
 
     def drift_matrix(self, t) -> torch.Tensor:
-        """F(t), (*t.shape, K+1, K+1), float64."""
+        """F(t), (*t.shape, K+1, K+1), float64 (see :func:`fracsde.numerics.augmented_system`)."""
         t64 = torch.as_tensor(t, dtype=torch.float64, device=self.gammas.device)
-        K = self.num_processes
-        F = t64.new_zeros(*t64.shape, K + 1, K + 1)
-        F[..., 0, 0] = self.schedule.mu(t64)
-        F[..., 0, 1:] = -self.schedule.g(t64)[..., None] * (self.weights * self.gammas)
-        F[..., 1:, 1:] = -torch.diag(self.gammas)
-        return F
+        return augmented_system(self.schedule.mu(t64), self.schedule.g(t64), self.weights, self.gammas)[0]
 
     def diffusion_vector(self, t) -> torch.Tensor:
         """G(t) = (g Σω, 1, …, 1), (*t.shape, K+1), float64 (Σω := 1 when K = 0)."""
         t64 = torch.as_tensor(t, dtype=torch.float64, device=self.gammas.device)
-        K = self.num_processes
-        wsum = self.weights.sum() if K else 1.0
-        return torch.cat([(self.schedule.g(t64) * wsum)[..., None], t64.new_ones(*t64.shape, K)], dim=-1)
+        return augmented_system(self.schedule.mu(t64), self.schedule.g(t64), self.weights, self.gammas)[1]
 
     # ------------------------------------------------------------------ basis changes and sampling
     def to_newton(self, y: torch.Tensor) -> torch.Tensor:
@@ -720,15 +740,15 @@ class LinearFractionalDynamics(nn.Module):
         """
         tb = self._batch_times(t, x0)
         K = self.num_processes
-        co = self.coefficients(tb)
+        coef = self.coefficients(tb)
         bshape = (-1,) + (1,) * (x0.dim() - 1)
         eps = torch.randn(x0.shape, generator=generator, dtype=x0.dtype, device=x0.device)
-        u = co["c"].to(x0.dtype).view(bshape) * x0 + co["sigma"].to(x0.dtype).view(bshape) * eps
+        u = coef["c"].to(x0.dtype).view(bshape) * x0 + coef["sigma"].to(x0.dtype).view(bshape) * eps
         xi = torch.randn(*x0.shape, K, generator=generator, dtype=x0.dtype, device=x0.device)
         L = self.newton_cov_factor(tb).to(x0.dtype).view(tb.shape[0], *(1,) * (x0.dim() - 1), K, K)
-        yn = (L @ xi[..., None])[..., 0]
-        x = u + (yn * co["eta_newton"].to(x0.dtype).view(tb.shape[0], *(1,) * (x0.dim() - 1), K)).sum(-1)
-        return (x, yn) if return_newton else (x, self.from_newton(yn))
+        y_newton = (L @ xi[..., None])[..., 0]
+        x = u + (y_newton * coef["eta_newton"].to(x0.dtype).view(tb.shape[0], *(1,) * (x0.dim() - 1), K)).sum(-1)
+        return (x, y_newton) if return_newton else (x, self.from_newton(y_newton))
 
     def _batch_times(self, t, x0):
         t = torch.as_tensor(t, device=x0.device)
@@ -747,31 +767,16 @@ class LinearFractionalDynamics(nn.Module):
         As in VP/VE, c(T) x_0 is neglected; for K ≥ 1 σ̃(T) can be much smaller than √Σ_XX(T), so check
         ``c(T)·(data scale) / σ̃(T)`` (see docs/gfdm.md) before trusting this prior.
         """
-        shape = _check_shape(shape)
+        shape = check_shape(shape)
         device = torch.device(device) if device is not None else self.gammas.device
         K = self.num_processes
         T = torch.tensor(self.horizon, dtype=torch.float64, device=self.gammas.device)
-        co = self.coefficients(T)
-        u = torch.randn(shape, generator=generator, dtype=dtype, device=device) * co["sigma"].to(device, dtype)
+        coef = self.coefficients(T)
+        u = torch.randn(shape, generator=generator, dtype=dtype, device=device) * coef["sigma"].to(device, dtype)
         xi = torch.randn(*shape, K, generator=generator, dtype=dtype, device=device)
-        yn = xi @ self.newton_cov_factor(T).to(device, dtype).T
-        x = u + (yn * co["eta_newton"].to(device, dtype)).sum(-1)
-        return (x, yn) if return_newton else (x, self.from_newton(yn))
+        y_newton = xi @ self.newton_cov_factor(T).to(device, dtype).T
+        x = u + (y_newton * coef["eta_newton"].to(device, dtype)).sum(-1)
+        return (x, y_newton) if return_newton else (x, self.from_newton(y_newton))
 
     def extra_repr(self) -> str:
         return f"schedule={self.schedule!r}, num_processes={self.num_processes}, horizon={self.horizon:g}"
-
-
-def _has_closed_variance(schedule: Schedule) -> bool:
-    return type(schedule).brownian_variance is not None
-
-
-def _check_shape(shape) -> tuple:
-    if isinstance(shape, torch.Size):
-        shape = tuple(shape)
-    if isinstance(shape, int):
-        shape = (shape,)
-    if not isinstance(shape, (tuple, list)) or len(shape) == 0 or not all(
-            isinstance(s, int) and not isinstance(s, bool) and s >= 1 for s in shape):
-        raise ValueError(f"shape must be a non-empty tuple of positive ints (batch, *data_shape); got {shape!r}")
-    return tuple(shape)

@@ -35,7 +35,8 @@ from torch import nn
 from . import _validation as V
 from .linear import LinearFractionalDynamics
 
-__all__ = ["ReverseTimeSDE", "euler_maruyama", "sample_innovation", "eps_to_score"]
+__all__ = ["ReverseTimeSDE", "euler_maruyama", "sample_innovation", "eps_to_score", "reverse_sde_step",
+           "probability_flow_step", "INNOVATION_STEPS"]
 
 
 def _progress(iterable, enabled: bool, desc: str):
@@ -61,15 +62,15 @@ def eps_to_score(dynamics: LinearFractionalDynamics, eps_model: Callable, model_
 
     def score(t, x, y):
         tb = torch.as_tensor(t, device=x.device).to(x.dtype).expand(x.shape[0])
-        co = dynamics.coefficients(tb)
-        yn = dynamics.to_newton(y)
-        u = x - (yn * co["eta_newton"].to(x.dtype).reshape(-1, *(1,) * (x.dim() - 1), yn.shape[-1])).sum(-1)
+        coef = dynamics.coefficients(tb)
+        y_newton = dynamics.to_newton(y)
+        u = x - (y_newton * coef["eta_newton"].to(x.dtype).reshape(-1, *(1,) * (x.dim() - 1), y_newton.shape[-1])).sum(-1)
         eps = eps_model(u, tb, **kw)
-        sx = -eps / _bview(co["sigma"].to(x.dtype), x.dim())
-        eta = (co["eta_newton"] @ dynamics.newton).to(x.dtype)                     # Nᵀ η̃
+        sx = -eps / _bview(coef["sigma"].to(x.dtype), x.dim())
+        eta = (coef["eta_newton"] @ dynamics.newton).to(x.dtype)                     # Nᵀ η̃
         L = dynamics.newton_cov_factor(tb).to(x.dtype)                             # N Σ_YY Nᵀ = L Lᵀ
         view = (-1,) + (1,) * (x.dim() - 1)
-        w = torch.linalg.solve_triangular(L.reshape(*view, *L.shape[-2:]), yn[..., None], upper=False)
+        w = torch.linalg.solve_triangular(L.reshape(*view, *L.shape[-2:]), y_newton[..., None], upper=False)
         w = torch.linalg.solve_triangular(L.transpose(-1, -2).reshape(*view, *L.shape[-2:]), w, upper=True)
         sy = -(eta.reshape(*view, eta.shape[-1]) * sx[..., None]) - (w[..., 0] @ dynamics.newton.to(x.dtype))
         return sx, sy
@@ -111,7 +112,7 @@ class ReverseTimeSDE(nn.Module):
         self.eps_model, self.score = eps_model, score
         self.probability_flow = bool(probability_flow)
         self.model_kwargs = model_kwargs or {}
-        self.c_score = 0.5 if self.probability_flow else 1.0
+        self.score_factor = 0.5 if self.probability_flow else 1.0
         self.brownian_size = self.d
 
     # ------------------------------------------------------------------ layout
@@ -134,26 +135,26 @@ class ReverseTimeSDE(nn.Module):
     def _reverse_drift(self, t: torch.Tensor, x: torch.Tensor, y: torch.Tensor):
         """b(t, z) = F z − c G Gᵀ∇ log p (c = 1 SDE, ½ ODE); returns (b_x, b_y)."""
         dyn = self.dynamics
-        dt = x.dtype
-        tb = t.to(dt).expand(x.shape[0])
-        co = dyn.coefficients(t.to(torch.float64))
-        mu, g = co["mu"].to(dt), co["g"].to(dt)
-        gx = g * dyn.weights.sum().to(dt) if self.K else g
+        dtype = x.dtype
+        tb = t.to(dtype).expand(x.shape[0])
+        coef = dyn.coefficients(t.to(torch.float64))
+        mu, g = coef["mu"].to(dtype), coef["g"].to(dtype)
+        gx = g * dyn.weights.sum().to(dtype) if self.K else g
         if self.eps_model is not None:
-            yn = dyn.to_newton(y)
-            u = x - (yn * co["eta_newton"].to(dt)).sum(-1) if self.K else x
+            y_newton = dyn.to_newton(y)
+            u = x - (y_newton * coef["eta_newton"].to(dtype)).sum(-1) if self.K else x
             eps = self.eps_model(u, tb, **self.model_kwargs)
-            gt_score = -co["kappa"].to(dt) * eps
+            gt_score = -coef["kappa"].to(dtype) * eps
             if self.K:
-                gt_score = gt_score - (yn * co["zeta_newton"].to(dt)).sum(-1)
+                gt_score = gt_score - (y_newton * coef["zeta_newton"].to(dtype)).sum(-1)
         else:
             sx, sy = self.score(t, x, y)
             gt_score = gx * sx + (sy.sum(-1) if self.K else 0.0)
-        bx = mu * x - self.c_score * gx * gt_score
+        bx = mu * x - self.score_factor * gx * gt_score
         if self.K:
-            nu = (dyn.weights * dyn.gammas).to(dt)
+            nu = (dyn.weights * dyn.gammas).to(dtype)
             bx = bx - g * (y * nu).sum(-1)
-            by = -dyn.gammas.to(dt) * y - self.c_score * gt_score[..., None]
+            by = -dyn.gammas.to(dtype) * y - self.score_factor * gt_score[..., None]
         else:
             by = y
         return bx, by
@@ -201,8 +202,9 @@ def euler_maruyama(sde, z0: torch.Tensor, ts: torch.Tensor, generator: Optional[
     return z
 
 
-def _implicit_y_step(B: torch.Tensor, zeta: torch.Tensor, t: torch.Tensor, h: torch.Tensor, c: float):
-    """(I − hB + c h e_0 ζ̃(t)ᵀ)⁻¹, the backward-Euler step of the linear ỹ-dynamics at the new time t.
+def _implicit_y_step(B: torch.Tensor, zeta: torch.Tensor, t: torch.Tensor, h: torch.Tensor, score_factor: float):
+    """(I − hB + c h e_0 ζ̃(t)ᵀ)⁻¹, the backward-Euler step of the linear ỹ-dynamics at the new time t
+    (c = ``score_factor``: 1 for the SDE, ½ for the ODE).
 
     Formed as S M̂⁻¹ S⁻¹ with S = diag(t^{j+½}): M̂ = S⁻¹ M S has O(1) entries (ζ̃_j ~ t^{−j−1}), so the
     K×K inverse is computed without loss; float64, on the device.
@@ -211,8 +213,51 @@ def _implicit_y_step(B: torch.Tensor, zeta: torch.Tensor, t: torch.Tensor, h: to
     s = t ** (torch.arange(K, dtype=torch.float64, device=B.device) + 0.5)
     Bhat = B * s[None, :] / s[:, None]
     M = torch.eye(K, dtype=torch.float64, device=B.device) - h * Bhat
-    M[0] = M[0] + c * h * zeta * s / s[0]
+    M[0] = M[0] + score_factor * h * zeta * s / s[0]
     return s[:, None] * torch.linalg.inv_ex(M).inverse / s[None, :]     # inv_ex: no error check, no host sync
+
+
+def _implicit_y_update(dynamics: LinearFractionalDynamics, y_newton: torch.Tensor, y0_increment: torch.Tensor,
+                       zeta_next: torch.Tensor, t0: torch.Tensor, t1: torch.Tensor, score_factor: float):
+    """ỹ at t1: the explicit increment of its first (Brownian-driven) component, then the implicit linear step."""
+    rhs = torch.cat([y_newton[..., :1] + y0_increment[..., None], y_newton[..., 1:]], dim=-1)
+    step = _implicit_y_step(dynamics.newton_drift, zeta_next, t1, t0 - t1, score_factor)
+    return rhs @ step.to(y_newton.dtype).T
+
+
+def reverse_sde_step(dynamics, eps, u, y_newton, coef, coef_next, t0, t1, generator=None):
+    """One Euler–Maruyama step of the reverse SDE in (u, ỹ) from t0 down to t1 (ε = ε_θ(u, t0) given).
+
+    du = −[μu + δκε] dh + δ dW̄,  dỹ_0 = −κε dh + dW̄ (one shared normal), then ỹ implicitly (module docstring).
+    """
+    dtype = u.dtype
+    h = (t0 - t1).to(dtype)
+    mu, delta, kappa = coef["mu"].to(dtype), coef["delta"].to(dtype), coef["kappa"].to(dtype)
+    xi = torch.randn(u.shape, generator=generator, dtype=dtype, device=u.device)
+    u_new = u - h * (mu * u + delta * kappa * eps) + delta * torch.sqrt(h) * xi
+    if dynamics.num_processes:
+        y0_increment = -1.0 * h * kappa * eps + torch.sqrt(h) * xi
+        y_newton = _implicit_y_update(dynamics, y_newton, y0_increment, coef_next["zeta_newton"], t0, t1, 1.0)
+    return u_new, y_newton
+
+
+def probability_flow_step(dynamics, eps, u, y_newton, coef, coef_next, t0, t1, generator=None):
+    """One Euler step of the probability-flow ODE in (u, ỹ) from t0 down to t1 (the score enters with ½)."""
+    dtype = u.dtype
+    h = (t0 - t1).to(dtype)
+    mu, delta, kappa = coef["mu"].to(dtype), coef["delta"].to(dtype), coef["kappa"].to(dtype)
+    drift = mu * u + 0.5 * delta * kappa * eps
+    if dynamics.num_processes:
+        drift = drift - 0.5 * delta * (y_newton * coef["zeta_newton"].to(dtype)).sum(-1)
+    u_new = u - h * drift
+    if dynamics.num_processes:
+        y0_increment = -0.5 * h * kappa * eps
+        y_newton = _implicit_y_update(dynamics, y_newton, y0_increment, coef_next["zeta_newton"], t0, t1, 0.5)
+    return u_new, y_newton
+
+
+#: One step of each first-order scheme in innovation coordinates, by name.
+INNOVATION_STEPS = {"sde": reverse_sde_step, "ode": probability_flow_step}
 
 
 def sample_innovation(dynamics: LinearFractionalDynamics, eps_model: Callable, u: torch.Tensor,
@@ -224,37 +269,19 @@ def sample_innovation(dynamics: LinearFractionalDynamics, eps_model: Callable, u
     Args:
         u: (batch, *shape) innovation u = x − ηᵀy at ``ts[0]``; y_newton: (batch, *shape, K) ỹ = N y.
         ts: decreasing times in (0, T], ts[0] the start (usually T), ts[-1] the end.
-    Returns (u, ỹ) at ``ts[-1]``; x = u + η̃ᵀỹ. See the module docstring for the scheme. Everything stays on
-    the device of ``u``; the only per-step host work is the Python loop itself.
+    Returns (u, ỹ) at ``ts[-1]``; x = u + η̃ᵀỹ. See the module docstring for the scheme (one step:
+    :func:`reverse_sde_step`, :func:`probability_flow_step`). Everything stays on the device of ``u``; the
+    only per-step host work is the Python loop itself.
     """
-    V.check_choice(method, "method", ("sde", "ode"))
+    V.check_choice(method, "method", tuple(INNOVATION_STEPS))
+    step = INNOVATION_STEPS[method]
     kw = model_kwargs or {}
-    K = dynamics.num_processes
-    dt = u.dtype
-    c = 1.0 if method == "sde" else 0.5
-    B64 = dynamics.newton_drift
     batch = u.shape[0]
-    yn = y_newton
-    co = dynamics.coefficients(ts[0])
+    coef = dynamics.coefficients(ts[0])
     for n in _progress(range(ts.numel() - 1), progress, f"gfdm {method}"):
         t0, t1 = ts[n], ts[n + 1]
-        h = (t0 - t1).to(dt)
-        co_next = dynamics.coefficients(t1)
-        mu, delta, kappa = co["mu"].to(dt), co["delta"].to(dt), co["kappa"].to(dt)
-        eps = eps_model(u, t0.to(dt).expand(batch), **kw)
-        if method == "sde":
-            xi = torch.randn(u.shape, generator=generator, dtype=dt, device=u.device)
-            u_new = u - h * (mu * u + delta * kappa * eps) + delta * torch.sqrt(h) * xi
-        else:
-            drift = mu * u + 0.5 * delta * kappa * eps
-            if K:
-                drift = drift - 0.5 * delta * (yn * co["zeta_newton"].to(dt)).sum(-1)
-            u_new = u - h * drift
-        if K:
-            kick = -c * h * kappa * eps
-            if method == "sde":
-                kick = kick + torch.sqrt(h) * xi
-            rhs = torch.cat([yn[..., :1] + kick[..., None], yn[..., 1:]], dim=-1)
-            yn = rhs @ _implicit_y_step(B64, co_next["zeta_newton"], t1, t0 - t1, c).to(dt).T
-        u, co = u_new, co_next
-    return u, yn
+        coef_next = dynamics.coefficients(t1)
+        eps = eps_model(u, t0.to(u.dtype).expand(batch), **kw)
+        u, y_newton = step(dynamics, eps, u, y_newton, coef, coef_next, t0, t1, generator)
+        coef = coef_next
+    return u, y_newton

@@ -28,7 +28,8 @@ from torch import nn
 
 from . import _validation as V
 from ._warnings import FracsdeWarning
-from .markov import MarkovApproxFBM
+from .kinds import get_kind
+from .noise import MarkovNoise
 
 __all__ = ["FractionalSDE", "sdeint", "NonFiniteStateError", "StiffnessWarning",
            "supported_methods", "default_method"]
@@ -89,8 +90,8 @@ class FractionalSDE(nn.Module):
     shifted by ∫u dt, and can return the path KL ½∫|u|² dt (see :func:`sdeint`).
 
     Args:
-        noise: the :class:`MarkovApproxFBM` that drives the SDE; it is a submodule, so a learnable
-            Hurst index is a parameter of the SDE.
+        noise: the :class:`~fracsde.MarkovNoise` that drives the SDE — a :class:`MarkovApproxFBM` or any
+            user-given rates and weights; it is a submodule, so a learnable Hurst index is a parameter of the SDE.
         noise_type, sde_type: override the class attributes for this instance.
 
     Example:
@@ -104,10 +105,11 @@ class FractionalSDE(nn.Module):
 
     sde_type = "stratonovich"
 
-    def __init__(self, noise: MarkovApproxFBM, noise_type: Optional[str] = None, sde_type: Optional[str] = None):
+    def __init__(self, noise: MarkovNoise, noise_type: Optional[str] = None, sde_type: Optional[str] = None):
         super().__init__()
-        if not isinstance(noise, MarkovApproxFBM):
-            raise TypeError(f"noise must be a MarkovApproxFBM, got {type(noise).__name__}")
+        if not isinstance(noise, MarkovNoise):
+            raise TypeError(f"noise must be a fracsde.MarkovNoise (e.g. MarkovApproxFBM(hurst, num_processes)), "
+                            f"got {type(noise).__name__}")
         self.noise = noise
         if noise_type is not None:
             self.noise_type = noise_type
@@ -550,8 +552,7 @@ def sdeint(sde: FractionalSDE, x0: torch.Tensor, ts, method: Optional[str] = Non
     extras = []
     if return_noise:
         ys = zs[:, :, d:d + m * K]
-        if noise.kind == "type1":
-            ys = ys - y0
+        ys = get_kind(noise.kind).read_out(ys, y0)
         extras.append(torch.einsum("k,tbkm->tbm", omega, ys.reshape(ts.numel(), batch, K, m)))
     if return_kl:
         extras.append(zs[:, :, -1])

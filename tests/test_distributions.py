@@ -17,10 +17,10 @@ from fracsde.distributions import (
     _affine_combine,
     _associative_scan,
     _GaussianLogDensity,
-    _rl_covariance,
     x_covariance,
 )
 from fracsde.fbm import FractionalBrownianMotion
+from fracsde.kinds import rl_covariance
 from fracsde.markov import MarkovApproxFBM, optimal_weights
 
 F64 = torch.float64
@@ -43,7 +43,7 @@ def test_path_covariance_matches_foundation(kind, uniform):
     for hurst in (0.05, 0.3, 0.5, 0.85):
         d = FractionalBrownianPath(t64(hurst), ts, kind=kind, scale=1.5)
         ref = FractionalBrownianMotion(hurst, kind).covariance(ts[:, None], ts[None, :])
-        # type II: quadrature vs scipy's 2F1, both ~1e-14 relative (see _rl_covariance)
+        # type II: quadrature vs scipy's 2F1, both ~1e-14 relative (see rl_covariance)
         assert_close(d.covariance_matrix, 2.25 * ref, rtol=1e-11, atol=0)
 
 
@@ -55,7 +55,7 @@ def test_rl_covariance_matches_high_precision_quadrature():
         nodes = [0, lo - (hi - lo), lo] if hi - lo < lo else [0, lo]     # split near the kink
         exact = mpmath.quad(lambda u: (hi - u) ** a * (lo - u) ** a, nodes)
         exact = float(exact / mpmath.gamma(hurst + 0.5) ** 2)
-        got = float(_rl_covariance(t64(hurst), t64(lo), t64(hi)))
+        got = float(rl_covariance(t64(hurst), t64(lo), t64(hi)))
         assert abs(got / exact - 1) < 1e-12, (hurst, lo, hi, got, exact)
 
 

@@ -6,12 +6,22 @@ import numpy as np
 import pytest
 import torch
 
-from fracsde.linear import (LinearFractionalDynamics, VESchedule, VPSchedule, _lyapunov_covariance,
-                            _ve_covariance, naive_conditionals, newton_basis)
+from fracsde.linear import (LinearFractionalDynamics, VESchedule, VPSchedule, augmented_covariance,
+                            naive_conditionals, newton_basis)
 from fracsde.markov import MarkovApproxFBM
+from fracsde.noise import MarkovNoise
 from stats_helpers import assert_covariance_matches, bonferroni_z
 
 
+
+
+class _WithoutClosedForm(VESchedule):
+    """The same VE coefficients, with the closed-form marker removed (forces the Lyapunov ODE)."""
+
+    closed_form = None
+
+    def __init__(self, base):
+        super().__init__(base.sigma_min, base.sigma_max, base.horizon)
 
 
 def _ma(hurst, K):
@@ -70,8 +80,8 @@ def test_newton_basis_rejects_repeated_rates():
 def test_ve_closed_form_matches_lyapunov_ode(K):
     g, w = _ma(0.8, K)
     ts = np.array([1e-4, 1e-2, 0.2, 0.6, 1.0])
-    closed = _ve_covariance(VESchedule(), g.numpy(), w.numpy(), ts)
-    ode = _lyapunov_covariance(VESchedule(), g.numpy(), w.numpy(), ts)
+    closed = augmented_covariance(VESchedule(), g.numpy(), w.numpy(), ts)   # closed form (VE, K >= 1)
+    ode = augmented_covariance(_WithoutClosedForm(VESchedule()), g.numpy(), w.numpy(), ts)   # Lyapunov ODE
     scale = np.sqrt(np.einsum("nii->ni", closed))
     np.testing.assert_allclose(closed / scale[:, :, None] / scale[:, None, :],
                                ode / scale[:, :, None] / scale[:, None, :], atol=1e-9, rtol=0)
@@ -101,7 +111,7 @@ def test_conditionals_match_high_precision_reference(K, tol):
     """σ̃, κ, η, ζ against 60-digit arithmetic. For K = 5 the values below 0.012 are the power-law
     continuation (σ̃ ~ 1e-14 … 1e-20 there), hence the looser tolerance."""
     g, w = _ma(0.9, K)
-    dyn = LinearFractionalDynamics(VESchedule(), g, w)
+    dyn = LinearFractionalDynamics(VESchedule(), MarkovNoise(g, w))
     for t in [1e-3, 1e-2, 0.1, 1.0]:
         ref = _ve_reference(g, w, t)
         m = dyn.marginal(torch.tensor(t, dtype=torch.float64))
@@ -116,7 +126,7 @@ def test_naive_schur_complement_fails_where_stable_one_does_not():
     """The failure without the treatment: Schur complements of the float64 covariance give σ̃² of the
     wrong size or sign for K = 5 up to t ≈ 0.01 (and for K = 3 below t ≈ 1e-3); both agree at t = 1."""
     g, w = _ma(0.9, 5)
-    dyn = LinearFractionalDynamics(VESchedule(), g, w)
+    dyn = LinearFractionalDynamics(VESchedule(), MarkovNoise(g, w))
     ts = [1e-3, 1e-2, 1.0]
     m = dyn.marginal(torch.tensor(ts, dtype=torch.float64))
     cov = torch.zeros(3, 6, 6, dtype=torch.float64)
@@ -136,7 +146,7 @@ def test_conditional_variance_identity(schedule, hurst, K):
     """(σ̃²)′ = 2μσ̃² + δ² (derived in docs/gfdm.md) between spline values at neighbouring times, across
     the resolved range and the power-law continuation."""
     g, w = _ma(hurst, K)
-    dyn = LinearFractionalDynamics(schedule, g, w)
+    dyn = LinearFractionalDynamics(schedule, MarkovNoise(g, w))
     t = torch.logspace(-4, 0, 17, dtype=torch.float64)
     t = t[t < 1 - 1e-3]
     h = 1e-4 * t
@@ -151,7 +161,7 @@ def test_conditional_variance_identity(schedule, hurst, K):
 def test_stable_quantities_reproduce_the_lyapunov_covariance(schedule):
     """Σ_XX = σ̃² + η̃ᵀ Σ̃_YY η̃ and Σ_ỸX = Σ̃_YY η̃ (Newton basis) from the QR route equal the ODE's Σ."""
     g, w = _ma(0.7, 3)
-    dyn = LinearFractionalDynamics(schedule, g, w)
+    dyn = LinearFractionalDynamics(schedule, MarkovNoise(g, w))
     t = torch.tensor([1e-4, 1e-2, 0.3, 1.0], dtype=torch.float64)
     m = dyn.marginal(t)
     L = dyn.newton_cov_factor(t)
@@ -165,7 +175,7 @@ def test_stable_quantities_reproduce_the_lyapunov_covariance(schedule):
 
 def test_marginal_shapes_dtypes_devices_and_validation():
     g, w = _ma(0.7, 2)
-    dyn = LinearFractionalDynamics(VPSchedule(), g, w)
+    dyn = LinearFractionalDynamics(VPSchedule(), MarkovNoise(g, w))
     t = torch.rand(4, 3) * 0.9 + 0.05
     m = dyn.marginal(t)
     assert m.c.shape == m.sigma.shape == (4, 3) and m.eta.shape == (4, 3, 2) and m.cov_yy.shape == (4, 3, 2, 2)
@@ -173,10 +183,14 @@ def test_marginal_shapes_dtypes_devices_and_validation():
     for bad in (0.0, -0.1, 1.5, float("nan")):
         with pytest.raises(ValueError, match=r"t must lie in \(0, T\]"):
             dyn.marginal(torch.tensor([0.5, bad]))
-    with pytest.raises(ValueError, match="same length"):
-        LinearFractionalDynamics(VPSchedule(), g, w[:1])
+    with pytest.raises(ValueError, match="weights must have the shape of gammas"):
+        LinearFractionalDynamics(VPSchedule(), MarkovNoise(g, w[:1]))
+    with pytest.raises(TypeError, match="MarkovNoise"):
+        LinearFractionalDynamics(VPSchedule(), g)
+    with pytest.raises(ValueError, match="type2"):
+        LinearFractionalDynamics(VPSchedule(), MarkovNoise(g, w, kind="type1"))
     with pytest.raises(TypeError, match="Schedule"):
-        LinearFractionalDynamics("vp", g, w)
+        LinearFractionalDynamics("vp", MarkovNoise(g, w))
     names = {n for n, _ in dyn.named_buffers()}
     assert {"gammas", "weights", "newton", "spline.coef"} <= names       # moved by .to(device)
     before = dyn.marginal(torch.tensor([0.3], dtype=torch.float64)).sigma
@@ -193,7 +207,7 @@ def test_horizon_is_a_parameter():
     log_c = -0.5 * (0.1 * t + 19.9 * t * t / (2 * T))
     torch.testing.assert_close(dyn0.conditional_std(t) ** 2, -torch.expm1(2 * log_c), rtol=1e-13, atol=0)
     noise = MarkovApproxFBM(0.7, 2, horizon=T)
-    dyn = LinearFractionalDynamics(VPSchedule(horizon=T), noise.gammas, noise.weights)
+    dyn = LinearFractionalDynamics(VPSchedule(horizon=T), noise)
     m = dyn.marginal(t)
     L = dyn.newton_cov_factor(t)
     Lt_eta = (L.transpose(-1, -2) @ m.eta_newton[..., None])[..., 0]
@@ -206,7 +220,7 @@ def test_exact_marginal_draw_has_the_tabulated_covariance():
     """(x_t − c x_0, y_t) from sample_marginal against Σ(t) (Lyapunov ODE): every entry within Bonferroni-
     corrected standard errors (stats_helpers)."""
     g, w = _ma(0.7, 2)
-    dyn = LinearFractionalDynamics(VPSchedule(), g, w)
+    dyn = LinearFractionalDynamics(VPSchedule(), MarkovNoise(g, w))
     gen = torch.Generator().manual_seed(3)
     n = 20000
     x0 = torch.full((n, 1), 0.7, dtype=torch.float64)
@@ -231,7 +245,7 @@ def test_forward_marginals_match_monte_carlo_with_fracsde_sdeint():
     hurst, K, n, x0, dt = 0.7, 2, 8000, 0.8, 2e-3
     noise = MarkovApproxFBM(hurst, K)
     sch = VPSchedule()
-    dyn = LinearFractionalDynamics(sch, noise.gammas, noise.weights)
+    dyn = LinearFractionalDynamics(sch, noise)
 
     def coef(fn, t, like):
         return fn(torch.as_tensor(t, dtype=torch.float64)).to(like.dtype)

@@ -67,7 +67,7 @@ def test_type2_weights_match_independent_high_precision_solve(hurst, k):
 @pytest.mark.parametrize("gamma", [0.05, 1.0, 20.0])
 def test_type1_moments_match_quadrature_of_defining_integrals(hurst, gamma):
     """b_k = int_0^T E[B_t (Y(t) - Y(0))] dt for standard fBM, checked by brute-force quadrature of the MvN kernel."""
-    from fracsde.markov import _moments_type1
+    from fracsde.kinds import TypeI
 
     T = 1.0
     a = hurst + 0.5
@@ -84,7 +84,7 @@ def test_type1_moments_match_quadrature_of_defining_integrals(hurst, gamma):
         return norm * (part1 - part2)
 
     b_quad = integrate.quad(lambda t: cov_b_yt(t) - cov_b_y0(t), 0, T, limit=100)[0]
-    b, c = _moments_type1(torch.tensor(hurst, dtype=torch.float64), torch.tensor([gamma], dtype=torch.float64), T)
+    b, c = TypeI().moments(torch.tensor(hurst, dtype=torch.float64), torch.tensor([gamma], dtype=torch.float64), T)
     assert float(b[0]) == pytest.approx(b_quad, rel=1e-6)
     assert float(c) == pytest.approx(T ** (2 * hurst + 1) / (2 * hurst + 1))
 

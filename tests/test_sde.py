@@ -6,45 +6,13 @@ import torch
 import torchsde
 
 from fracsde.markov import MarkovApproxFBM
+from problems import FGBM, Linear
 from fracsde.sde import (FractionalSDE, NonFiniteStateError, StiffnessWarning, default_method, sdeint,
                          supported_methods)
 
 F64 = torch.float64
 
 
-
-
-class Linear(FractionalSDE):
-    """dX = −θX dt + g dB̂ with a g of every noise type (constant or state dependent)."""
-
-    def __init__(self, noise, noise_type="additive", sde_type="ito", m=1, multiplicative=False, theta=1.0):
-        super().__init__(noise, noise_type=noise_type, sde_type=sde_type)
-        self.m, self.multiplicative, self.theta = m, multiplicative, theta
-
-    def f(self, t, x):
-        return -self.theta * x
-
-    def g(self, t, x):
-        base = 0.5 * x if self.multiplicative else torch.full_like(x, 0.5)
-        if self.noise_type == "diagonal":
-            return base
-        if self.noise_type == "scalar":
-            return base.unsqueeze(-1)
-        return base.unsqueeze(-1) * torch.linspace(0.5, 1.0, self.m, dtype=x.dtype)
-
-
-class FGBM(FractionalSDE):
-    """dX = σ X dB̂, optionally with the Itô-to-Stratonovich drift ½ σ² (Σω)² X."""
-
-    def __init__(self, noise, sigma, sde_type="stratonovich", correction=0.0):
-        super().__init__(noise, noise_type="scalar", sde_type=sde_type)
-        self.sigma, self.correction = sigma, correction
-
-    def f(self, t, x):
-        return self.correction * x
-
-    def g(self, t, x):
-        return (self.sigma * x).unsqueeze(-1)
 
 
 def noise(h=0.7, k=3, **kw):

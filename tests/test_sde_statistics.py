@@ -16,27 +16,12 @@ from hypothesis import given, settings, strategies as st
 
 from fracsde.markov import MarkovApproxFBM
 from fracsde.sde import FractionalSDE, sdeint
+from problems import AdditiveOU, DiagonalFGBM, PlainMAFBM
 from stats_helpers import assert_covariance_matches, bonferroni_z
 
 F64 = torch.float64
 
 
-
-
-class FractionalOU(FractionalSDE):
-    """dX = −θ X dt + σ dB̂ (θ = 0, σ = 1 gives X = B̂)."""
-    noise_type = "additive"
-    sde_type = "ito"
-
-    def __init__(self, noise, theta, sigma):
-        super().__init__(noise)
-        self.theta, self.sigma = theta, sigma
-
-    def f(self, t, x):
-        return -self.theta * x
-
-    def g(self, t, x):
-        return torch.full_like(x, self.sigma).unsqueeze(-1)
 
 
 @settings(max_examples=10)
@@ -46,7 +31,7 @@ def test_driftless_solution_reproduces_ma_fbm_covariance(hurst, k, kind, steps_p
     noise = MarkovApproxFBM(hurst, num_processes=k, kind=kind)
     ts = torch.tensor([0.0, 0.3, 0.6, 1.0], dtype=F64)
     n = 4000
-    xs = sdeint(FractionalOU(noise, 0.0, 1.0), torch.zeros(n, 1, dtype=F64), ts, dt=1.0 / steps_per_unit,
+    xs = sdeint(AdditiveOU(noise, 0.0, 1.0), torch.zeros(n, 1, dtype=F64), ts, dt=1.0 / steps_per_unit,
                 entropy=1234)
     assert_covariance_matches(xs[1:, :, 0].T, noise.covariance(ts[1:, None], ts[None, 1:]))
 
@@ -94,7 +79,7 @@ def test_fractional_ou_moments_match_linear_system(hurst, kind):
     theta, sigma, x0 = 1.5, 0.8, 1.0
     ts = torch.tensor([0.0, 0.2, 0.5, 1.0], dtype=F64)
     n = 4000
-    xs = sdeint(FractionalOU(noise, theta, sigma), torch.full((n, 1), x0, dtype=F64), ts, dt=0.01,
+    xs = sdeint(AdditiveOU(noise, theta, sigma), torch.full((n, 1), x0, dtype=F64), ts, dt=0.01,
                 generator=torch.Generator().manual_seed(99))[1:, :, 0].T  # (n, 3)
     mean, cov = linear_moments(noise, theta, sigma, x0, ts[1:])
     # means: z-scores with the exact variance, Bonferroni over the 3 times
@@ -104,31 +89,6 @@ def test_fractional_ou_moments_match_linear_system(hurst, kind):
 
 
 # ----------------------------------------------------------------------------- strong order
-class DiagonalFGBM(FractionalSDE):
-    """dX_i = σ_i X_i ∘ dB̂_i, two coordinates with independent MA-fBMs: X_i = exp(σ_i B̂_i) exactly."""
-    noise_type = "diagonal"
-    sde_type = "stratonovich"
-    sigma = torch.tensor([0.5, 1.0], dtype=F64)
-
-    def f(self, t, x):
-        return torch.zeros_like(x)
-
-    def g(self, t, x):
-        return self.sigma * x
-
-
-class PlainMAFBM(FractionalSDE):
-    """dX = dB̂ in two channels: X = B̂, solved by srk (order 1.5 for additive noise) for the reference."""
-    noise_type = "additive"
-    sde_type = "ito"
-
-    def f(self, t, x):
-        return torch.zeros_like(x)
-
-    def g(self, t, x):
-        return torch.eye(2, dtype=x.dtype).expand(x.shape[0], 2, 2)
-
-
 def test_strong_order_of_stratonovich_methods_on_fgbm():
     """Empirical strong order of every Stratonovich method against X = exp(σ B̂).
 

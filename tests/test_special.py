@@ -6,7 +6,7 @@ import torch
 from hypothesis import given, settings, strategies as st
 
 from fracsde.special import gammainc, gammainc_grad_a
-from fracsde.markov import _scaled_upper_gamma
+from fracsde.kinds import scaled_upper_gamma
 
 
 @given(a=st.floats(0.3, 2.5), x=st.floats(1e-3, 60.0))
@@ -41,5 +41,5 @@ def test_gammainc_value_matches_torch():
 @pytest.mark.parametrize("x", [0.01, 1.0, 3.9, 4.1, 20.0, 200.0])
 def test_scaled_upper_gamma_matches_mpmath(a, x):
     expected = float(mpmath.exp(x) * mpmath.gammainc(a, x, mpmath.inf, regularized=True))
-    got = float(_scaled_upper_gamma(torch.tensor(a, dtype=torch.float64), torch.tensor(x, dtype=torch.float64)))
+    got = float(scaled_upper_gamma(torch.tensor(a, dtype=torch.float64), torch.tensor(x, dtype=torch.float64)))
     assert got == pytest.approx(expected, rel=1e-11)

@@ -13,7 +13,7 @@ from .dynamics import DYNAMICS_NAMES, FVE, FVP, make_dynamics
 from .gaussian import GaussianEpsModel, GaussianMixtureEpsModel, gaussian_loss_minimum
 from .likelihood import nll_bits_per_dim
 from .loss import score_matching_loss
-from .sampling import sample
+from .sampling import SAMPLERS, register_sampler, sample
 
-__all__ = ["FVP", "FVE", "make_dynamics", "DYNAMICS_NAMES", "score_matching_loss", "sample", "nll_bits_per_dim",
+__all__ = ["FVP", "FVE", "make_dynamics", "DYNAMICS_NAMES", "score_matching_loss", "sample", "SAMPLERS", "register_sampler", "nll_bits_per_dim",
            "GaussianEpsModel", "GaussianMixtureEpsModel", "gaussian_loss_minimum"]

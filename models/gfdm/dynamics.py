@@ -13,9 +13,9 @@ import numpy as np
 import torch
 
 from fracsde import _validation as V
-from fracsde.linear import LinearFractionalDynamics, Schedule, VESchedule, VPSchedule, _lyapunov_covariance, \
-    _ve_covariance
+from fracsde.linear import LinearFractionalDynamics, Schedule, VESchedule, VPSchedule, augmented_covariance
 from fracsde.markov import MarkovApproxFBM
+from fracsde.noise import MarkovNoise
 
 __all__ = ["FVP", "FVE", "make_dynamics", "DYNAMICS_NAMES"]
 
@@ -40,7 +40,8 @@ class _Fractional(LinearFractionalDynamics):
         scale = 1.0
         if normalize_weights and num_processes > 0:
             scale = _terminal_scale(schedule, gammas.numpy(), weights.numpy())
-        super().__init__(schedule, gammas, weights * scale, grid_size=grid_size)
+        noise = MarkovNoise(gammas, weights * scale, kind="type2", horizon=schedule.horizon) if num_processes else None
+        super().__init__(schedule, noise, grid_size=grid_size)
         self.hurst = float(hurst)
         self.gamma_max = float(gamma_max)
         self.normalize_weights = bool(normalize_weights)
@@ -64,11 +65,7 @@ class _Fractional(LinearFractionalDynamics):
 
 def _terminal_scale(schedule: Schedule, gammas: np.ndarray, weights: np.ndarray) -> float:
     """√(Var_Brownian(T) / Var_fractional(T)): X is linear in ω, so Var X_T scales with the square."""
-    T = np.array([schedule.horizon])
-    if schedule.closed_form == "ve":
-        var = _ve_covariance(schedule, gammas, weights, T)[0, 0, 0]
-    else:
-        var = _lyapunov_covariance(schedule, gammas, weights, T)[0, 0, 0]
+    var = augmented_covariance(schedule, gammas, weights, np.array([schedule.horizon]))[0, 0, 0]
     target = float(schedule.brownian_variance(torch.tensor(schedule.horizon, dtype=torch.float64)))
     if not var > 0:
         raise ValueError("cannot normalise the weights: Var(X_T | x_0) is not positive")

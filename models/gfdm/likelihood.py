@@ -18,9 +18,10 @@ from typing import Callable, Optional
 import numpy as np
 import torch
 
-from fracsde.linear import LinearFractionalDynamics, _grid_times, _grid_variable
+from fracsde.linear import LinearFractionalDynamics
+from fracsde.numerics import log_linear_grid, log_linear_grid_times
 
-from .loss import _check_data, _check_t_eps
+from .loss import check_data, check_t_eps
 
 __all__ = ["nll_bits_per_dim", "likelihood_grid"]
 
@@ -28,8 +29,8 @@ __all__ = ["nll_bits_per_dim", "likelihood_grid"]
 def likelihood_grid(dynamics: LinearFractionalDynamics, steps: int, t_eps: float, device=None) -> torch.Tensor:
     """steps + 1 increasing times from t_eps to T, uniform in v = log(t/T) + t/τ (the coefficient-table variable)."""
     T, tau = dynamics.horizon, dynamics.tau
-    v = np.linspace(_grid_variable(t_eps, T, tau), _grid_variable(T, T, tau), steps + 1)
-    ts = _grid_times(v, T, tau)
+    v = np.linspace(log_linear_grid(t_eps, T, tau), log_linear_grid(T, T, tau), steps + 1)
+    ts = log_linear_grid_times(v, T, tau)
     ts[0], ts[-1] = t_eps, T
     return torch.from_numpy(ts).to(device)
 
@@ -47,8 +48,8 @@ def nll_bits_per_dim(eps_model: Callable, dyn: LinearFractionalDynamics, x0: tor
         bits_offset: added to the result, e.g. 7 for 8-bit images scaled to [−1, 1] (the log-Jacobian of
             the scaling, log₂(256/2)) — dequantisation noise is the caller's business.
     """
-    _check_data(x0)
-    t_eps = _check_t_eps(t_eps, dyn.horizon)
+    check_data(x0)
+    t_eps = check_t_eps(t_eps, dyn.horizon)
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise ValueError(f"steps must be an integer >= 1; got {steps!r}")
     if isinstance(hutchinson_samples, bool) or not isinstance(hutchinson_samples, int) or hutchinson_samples < 1:
@@ -66,9 +67,9 @@ def nll_bits_per_dim(eps_model: Callable, dyn: LinearFractionalDynamics, x0: tor
 
     def field(u, t):
         """(du/dt, d(log-density change)/dt = div) at time t (0-d float64)."""
-        co = dyn.coefficients(t)
-        mu = co["mu"].to(dtype)
-        a = (0.5 * co["delta"] * co["kappa"]).to(dtype)
+        coef = dyn.coefficients(t)
+        mu = coef["mu"].to(dtype)
+        a = (0.5 * coef["delta"] * coef["kappa"]).to(dtype)
         with torch.enable_grad():
             u = u.detach().requires_grad_(True)
             eps = eps_model(u, t.to(dtype).expand(batch), **kw)

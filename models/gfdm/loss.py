@@ -15,10 +15,11 @@ import torch
 
 from fracsde.linear import LinearFractionalDynamics
 
-__all__ = ["score_matching_loss", "perturb"]
+__all__ = ["score_matching_loss", "perturb", "check_data", "check_t_eps"]
 
 
-def _check_data(x0) -> None:
+def check_data(x0) -> None:
+    """Require a floating-point data batch ``(batch, *data_shape)`` with batch ≥ 1."""
     if not isinstance(x0, torch.Tensor) or not x0.is_floating_point():
         raise TypeError(f"x0 must be a floating-point tensor of shape (batch, *data_shape); got {type(x0).__name__}"
                         + (f" of dtype {x0.dtype}" if isinstance(x0, torch.Tensor) else ""))
@@ -26,7 +27,8 @@ def _check_data(x0) -> None:
         raise ValueError(f"x0 must have shape (batch, *data_shape) with batch >= 1; got {tuple(x0.shape)}")
 
 
-def _check_t_eps(t_eps: float, horizon: float) -> float:
+def check_t_eps(t_eps: float, horizon: float) -> float:
+    """Require the smallest training/likelihood time inside (0, T)."""
     t_eps = float(t_eps)
     if not (0.0 < t_eps < horizon):
         raise ValueError(f"t_eps must lie in (0, T) with T = {horizon:g}; got {t_eps}")
@@ -51,8 +53,8 @@ def score_matching_loss(eps_model: Callable, dynamics: LinearFractionalDynamics,
     ``eps_model(u, t, **model_kwargs)`` gets u of x0's shape and t of shape (batch,) in x0's dtype.
     ``reduction="none"`` returns the per-sample loss (batch,). No host synchronisation.
     """
-    _check_data(x0)
-    t_eps = _check_t_eps(t_eps, dynamics.horizon)
+    check_data(x0)
+    t_eps = check_t_eps(t_eps, dynamics.horizon)
     if reduction not in ("mean", "none"):
         raise ValueError(f"reduction must be 'mean' or 'none'; got {reduction!r}")
     T = dynamics.horizon
