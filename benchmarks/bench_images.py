@@ -25,7 +25,7 @@ if str(ROOT) not in sys.path:
 
 import torch  # noqa: E402
 
-SPECS = (("vp", 0.9, 0), ("fvp", 0.9, 3))
+SPECS = {"vp": "vp", "fvp": "fvp:H=0.9,K=3"}      # short name → models.gfdm.DynamicsSpec text
 
 
 def parse_args(argv=None):
@@ -47,8 +47,8 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def _setup(preset: str, name: str, hurst: float, k: int, device):
-    from models.gfdm.train import build_dynamics
+def _setup(preset: str, spec: str, device):
+    from models.gfdm.spec import DynamicsSpec
     from models.gfdm.unet import PRESETS, UNet
 
     torch.manual_seed(0)
@@ -56,7 +56,7 @@ def _setup(preset: str, name: str, hurst: float, k: int, device):
     for p in net.parameters():        # leave the zero init so that the sampler does real work
         if torch.count_nonzero(p) == 0 and p.dim() > 1:
             torch.nn.init.normal_(p, std=0.02)
-    return net, build_dynamics(name, hurst, k).to(device)
+    return net, DynamicsSpec.parse(spec).build().to(device)
 
 
 def _sync(device):
@@ -64,11 +64,11 @@ def _sync(device):
         torch.cuda.synchronize()
 
 
-def time_training(preset, batch, steps, device, name, hurst, k) -> float:
+def time_training(preset, batch, steps, device, spec) -> float:
     """Seconds per training step (score-matching loss, backward, Adam) after two warm-up steps."""
     import models.gfdm as core
 
-    net, dyn = _setup(preset, name, hurst, k, device)
+    net, dyn = _setup(preset, spec, device)
     cfg = net.config
     opt = torch.optim.Adam(net.parameters(), lr=1e-4)
     g = torch.Generator(device=device).manual_seed(0)
@@ -93,10 +93,10 @@ def time_training(preset, batch, steps, device, name, hurst, k) -> float:
     return (time.perf_counter() - t0) / steps
 
 
-def time_sampling(preset, batch, steps, device, name, hurst, k) -> float:
+def time_sampling(preset, batch, steps, device, spec) -> float:
     import models.gfdm as core
 
-    net, dyn = _setup(preset, name, hurst, k, device)
+    net, dyn = _setup(preset, spec, device)
     cfg = net.config
     shape = (batch, cfg.in_channels, cfg.image_size, cfg.image_size)
     g = torch.Generator(device=device).manual_seed(0)
@@ -113,8 +113,7 @@ def memory_child(preset, batch, name, steps, device) -> dict:
     """Peak memory growth of one sampling run over a 2-step warm-up (RSS on CPU, allocator on CUDA)."""
     import models.gfdm as core
 
-    hurst, k = {s[0]: s[1:] for s in SPECS}[name]
-    net, dyn = _setup(preset, name, hurst, k, device)
+    net, dyn = _setup(preset, SPECS[name], device)
     cfg = net.config
     shape = (batch, cfg.in_channels, cfg.image_size, cfg.image_size)
     with torch.no_grad():
@@ -149,13 +148,12 @@ def main(argv=None) -> int:
     print(f"bench_images: preset {args.preset}, device {device}, torch threads {torch.get_num_threads()}, "
           f"train batch {args.batch_size} x {args.train_steps} steps, sampling batch {args.sample_batch} x "
           f"{args.sample_steps} steps, {args.repeats} interleaved repeats", flush=True)
-    train_t = {s[0]: [] for s in SPECS}
-    sample_t = {s[0]: [] for s in SPECS}
+    train_t = {name: [] for name in SPECS}
+    sample_t = {name: [] for name in SPECS}
     for _ in range(args.repeats):
-        for name, hurst, k in SPECS:
-            train_t[name].append(time_training(args.preset, args.batch_size, args.train_steps, device, name, hurst, k))
-            sample_t[name].append(time_sampling(args.preset, args.sample_batch, args.sample_steps, device, name,
-                                                hurst, k))
+        for name, spec in SPECS.items():
+            train_t[name].append(time_training(args.preset, args.batch_size, args.train_steps, device, spec))
+            sample_t[name].append(time_sampling(args.preset, args.sample_batch, args.sample_steps, device, spec))
     train_ratio = statistics.median(f / v for f, v in zip(train_t["fvp"], train_t["vp"]))
     sample_ratio = statistics.median(f / v for f, v in zip(sample_t["fvp"], sample_t["vp"]))
     res = {"preset": args.preset, "device": str(device), "threads": torch.get_num_threads()}

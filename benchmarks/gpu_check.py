@@ -44,11 +44,14 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from models.gfdm.compare import DynamicsSpec, format_table
+    from models.gfdm.checkpoint import load_for_sampling
+    from models.gfdm.compare import format_table
+    from models.gfdm.config import TrainConfig
     from models.gfdm.data import DatasetNotFoundError, load_dataset
     from models.gfdm.evaluate import evaluate_samples
     from models.gfdm.generate import derive_seed, generate, save_grid
-    from models.gfdm.train import TrainConfig, load_for_sampling, train
+    from models.gfdm.spec import DynamicsSpec
+    from models.gfdm.train import train
 
     cuda = torch.cuda.is_available()
     if args.smoke:
@@ -75,13 +78,13 @@ def main(argv=None) -> int:
     print(json.dumps(info))
 
     rows, steps = [], None
-    for spec in (DynamicsSpec("vp"), DynamicsSpec("fvp", 0.9, 3)):
-        cfg = TrainConfig(dataset=args.dataset, data_root=args.data_root, dynamics=spec.name, hurst=spec.hurst,
-                          num_processes=max(spec.num_processes, 1), preset=args.preset, batch_size=args.batch_size,
+    for spec in (DynamicsSpec.parse("vp"), DynamicsSpec.parse("fvp:H=0.9,K=3")):
+        cfg = TrainConfig(dataset=args.dataset, data_root=args.data_root, dynamics=spec.text, preset=args.preset,
+                          batch_size=args.batch_size,
                           lr=args.lr, steps=(20 if args.smoke else 10**9) if steps is None else steps,
                           time_limit=None if (args.smoke or steps is not None) else args.minutes / 2,
                           ema_halflife_kimg=50.0, log_every=10 if args.smoke else 50, ckpt_every=10**9,
-                          sample_every=10**9, sample_num=16, sample_steps=10, out=str(out / spec.slug),
+                          sample_every=10**9, sample_num=16, grid_steps=10, out=str(out / spec.slug),
                           overwrite=True, device=str(device), amp="auto", progress=not args.smoke)
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()

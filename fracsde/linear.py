@@ -46,6 +46,7 @@ from scipy.interpolate import CubicSpline
 from torch import nn
 
 from . import _validation as V
+from .kinds import get_kind
 from .noise import MarkovNoise
 from .numerics import augmented_system, check_shape, log_linear_grid, log_linear_grid_times
 
@@ -275,25 +276,50 @@ def _newton_kernels(s: np.ndarray, gammas: np.ndarray, N: np.ndarray, B: np.ndar
 
 
 # ---------------------------------------------------------------------------------------------- the stable core
+def _remainder_kernel(schedule: Schedule, gammas: np.ndarray, weights: np.ndarray, t: np.ndarray,
+                      xq: np.ndarray) -> np.ndarray:
+    """k_R(t, r) at r = t·xq, (n, Q): the response of R_t = X_t − g(t)ωᵀY_t to dW_r,
+
+    k_R(t, r) = ∫_r^t e^{log c(t) − log c(s)} (μg − g′)(s) Σ_k ω_k e^{−γ_k(s−r)} ds, by a backward recursion over
+    the sub-intervals [x_q, x_{q+1}] (x_{Q+1} = 1) with 8-point Gauss–Legendre each (factors e^{−γh} ≤ 1:
+    no cancellation).
+    """
+    K, Q, n = gammas.size, xq.size, t.size
+    xs, ws = np.polynomial.legendre.leggauss(8)
+    edges = np.concatenate([xq, [1.0]])
+    sub_len = np.diff(edges)                                            # (Q,)
+    sub_nodes = edges[:-1, None] + sub_len[:, None] * (xs[None, :] + 1) / 2   # (Q, 8)
+    sub_w = sub_len[:, None] * ws[None, :] / 2
+    tt = torch.from_numpy(t)
+    lc_t = schedule.log_c(tt).numpy()
+    sn = t[:, None, None] * sub_nodes[None]                           # (n, Q, 8)
+    snt = torch.from_numpy(sn)
+    amp = (np.exp(lc_t[:, None, None] - schedule.log_c(snt).numpy())
+           * (schedule.mu(snt) * schedule.g(snt) - schedule.dg(snt)).numpy())       # Φ(t,s) (μg − g′)(s)
+    r = t[:, None] * xq[None, :]                                       # (n, Q)
+    decay_in = np.exp(-gammas[None, None, None, :] * (sn - r[..., None])[..., None])  # (n, Q, 8, K)
+    J = np.einsum("nqm,qm,nqmk->nqk", amp, sub_w, decay_in) * t[:, None, None]
+    step = np.exp(-gammas[None, None, :] * (t[:, None] * sub_len[None, :])[..., None])  # (n, Q, K)
+    I = np.zeros((n, Q, K))
+    acc = np.zeros((n, K))
+    for q in range(Q - 1, -1, -1):
+        acc = J[:, q] + step[:, q] * acc
+        I[:, q] = acc
+    return I @ weights                                                 # (n, Q)
+
+
 def _conditionals(schedule: Schedule, gammas: np.ndarray, weights: np.ndarray, ts: np.ndarray,
                   chunk: int = 256) -> dict:
     """η̃ (Newton basis), σ̃, δ, P = S⁻¹Σ̃_YY S⁻¹ and its Cholesky factor, on the grid ``ts`` (float64).
 
     Kernels (responses of the state at t to dW_r, r ∈ [0, t]) on the graded rule:
       Ỹ_j : D_j(t − r) = (e^{−B(t−r)} e_0)_j, scaled by t^{−j};
-      R   : k_R(t, r) = ∫_r^t e^{log c(t) − log c(s)} (μg − g′)(s) Σ_k ω_k e^{−γ_k(s−r)} ds, scaled by t^{−1}.
+      R   : k_R(t, r) (:func:`_remainder_kernel`), scaled by t^{−1}.
     A Householder QR of the weighted kernel matrix gives the Cholesky factor of the scaled covariance of
     (Ỹ, R); the regression of R on Ỹ and its residual follow by triangular solves.
     """
     K = gammas.size
     xq, wq = _graded_rule()
-    Q = xq.size
-    # sub-intervals [x_q, x_{q+1}] (x_{Q+1} = 1) for the inner integral of k_R, 8-point Gauss–Legendre each
-    xs, ws = np.polynomial.legendre.leggauss(8)
-    edges = np.concatenate([xq, [1.0]])
-    sub_len = np.diff(edges)                                            # (Q,)
-    sub_nodes = edges[:-1, None] + sub_len[:, None] * (xs[None, :] + 1) / 2   # (Q, 8)
-    sub_w = sub_len[:, None] * ws[None, :] / 2
     N, _, B = newton_basis(gammas)
     Bn, Nn = B.numpy(), N.numpy()
     out = {k: [] for k in ("eta_r", "sigma", "delta", "chol", "zeta", "err", "err_eta")}
@@ -305,23 +331,7 @@ def _conditionals(schedule: Schedule, gammas: np.ndarray, weights: np.ndarray, t
         s = t[:, None] * (1 - xq[None, :])                              # (n, Q)
         Dsc = _newton_kernels(s, gammas, Nn, Bn)
         Dcol = Dsc * (1 - xq)[None, :, None] ** np.arange(K)[None, None, :]          # D_j(s)/t^j
-        # R kernel by a backward recursion over the sub-intervals (factors e^{−γh} ≤ 1: no cancellation)
-        tt = torch.from_numpy(t)
-        lc_t = schedule.log_c(tt).numpy()
-        sn = t[:, None, None] * sub_nodes[None]                           # (n, Q, 8)
-        snt = torch.from_numpy(sn)
-        amp = (np.exp(lc_t[:, None, None] - schedule.log_c(snt).numpy())
-               * (schedule.mu(snt) * schedule.g(snt) - schedule.dg(snt)).numpy())       # Φ(t,s) (μg − g′)(s)
-        r = t[:, None] * xq[None, :]                                       # (n, Q)
-        decay_in = np.exp(-gammas[None, None, None, :] * (sn - r[..., None])[..., None])  # (n, Q, 8, K)
-        J = np.einsum("nqm,qm,nqmk->nqk", amp, sub_w, decay_in) * t[:, None, None]
-        step = np.exp(-gammas[None, None, :] * (t[:, None] * sub_len[None, :])[..., None])  # (n, Q, K)
-        I = np.zeros((n, Q, K))
-        acc = np.zeros((n, K))
-        for q in range(Q - 1, -1, -1):
-            acc = J[:, q] + step[:, q] * acc
-            I[:, q] = acc
-        kR = I @ weights                                                   # (n, Q)
+        kR = _remainder_kernel(schedule, gammas, weights, t, xq)
         A = np.concatenate([Dcol, (kR / t[:, None])[..., None]], axis=2) * np.sqrt(wq)[None, :, None]
         Rf = np.linalg.qr(A, mode="r")                                     # (n, K+1, K+1)
         sgn = np.sign(np.diagonal(Rf, axis1=1, axis2=2))
@@ -585,7 +595,7 @@ class LinearFractionalDynamics(nn.Module):
         if noise is not None and not isinstance(noise, MarkovNoise):
             raise TypeError(f"noise must be a fracsde.MarkovNoise (or None for Brownian motion); "
                             f"got {type(noise).__name__}")
-        if noise is not None and noise.kind != "type2":
+        if noise is not None and get_kind(noise.kind).stationary_start:
             raise ValueError(f"LinearFractionalDynamics needs a noise of kind 'type2' (OU states start at 0 with "
                              f"the data); got kind={noise.kind!r}")
         V.check_positive_int(grid_size, "grid_size", 16)

@@ -418,9 +418,82 @@ def _raise_if_nonfinite(zs, ts):
             f"(output index {first} of {ts.numel()}); check the drift/diffusion there, or reduce dt")
 
 
+def _check_solve(sde, x0, ts, method, dt, adjoint, adjoint_method, return_kl, solver_options):
+    """Every argument check of :func:`sdeint` before any work; returns (ts, dt, control, methods)."""
+    if not isinstance(sde, FractionalSDE):
+        raise TypeError(f"sde must be a FractionalSDE, got {type(sde).__name__}")
+    _check_x0(sde, x0)
+    ts = _check_ts(ts, x0)
+    dt = V.check_positive_float(dt, "dt")
+    allowed = _SOLVER_OPTIONS + (_ADJOINT_OPTIONS if adjoint else ())
+    for key in solver_options:
+        if key not in allowed:
+            raise TypeError(f"sdeint got an unexpected keyword argument {key!r}; solver options allowed here: "
+                            f"{allowed}")
+    control = getattr(sde, "control", None)
+    if return_kl and control is None:
+        raise ValueError("return_kl=True needs a controlled SDE: define control(t, x, y) on the FractionalSDE")
+    methods = _resolve_methods(sde.noise_type, sde.sde_type, method, adjoint, adjoint_method)
+    return ts, dt, control, methods
+
+
+def _warn_if_stiff(noise, ts, dt, adaptive, method):
+    """StiffnessWarning where the fastest OU rate (derived from the rates) makes the chosen steps unreliable."""
+    gamma_max = noise.gamma_max
+    if not adaptive and gamma_max * dt > 1.0:
+        warnings.warn(f"gamma_max * dt = {gamma_max * dt:.3g} > 1: explicit solvers misrepresent the fastest "
+                      f"OU process (Euler oscillates, and every explicit method here diverges beyond ~2); "
+                      f"use dt <= {1.0 / gamma_max:.3g} or a smaller gamma_max", StiffnessWarning, stacklevel=3)
+    span = float(ts[-1] - ts[0])
+    if method == "reversible_heun" and gamma_max * span > _REVERSIBLE_HEUN_MAX_GROWTH:
+        warnings.warn(f"reversible_heun is unstable on the OU components: its parasitic mode grows by "
+                      f"|a - sqrt(1 + a^2)| > 1 per step (a = -gamma*dt), about exp(gamma_max * T) = "
+                      f"{math.exp(min(gamma_max * span, 700.0)):.3g} over this solve; use midpoint/heun, "
+                      f"or a smaller gamma_max * T", StiffnessWarning, stacklevel=3)
+
+
+def _brownian_motion(bm, ts, size, dt, method, generator, entropy, dtype, device):
+    """The Brownian motion of the solve: a BrownianInterval with a step hint, or the user's ``bm`` checked."""
+    if bm is None:
+        return torchsde.BrownianInterval(t0=ts[0], t1=ts[-1], size=size, dtype=dtype, device=device,
+                                         entropy=_entropy(generator, entropy), dt=dt,
+                                         levy_area_approximation=_LEVY_AREA.get(method, "none"))
+    if entropy is not None:
+        raise ValueError("entropy seeds the Brownian motion sdeint builds; it cannot be combined with bm")
+    if tuple(bm.shape) != tuple(size):
+        raise ValueError(f"bm must have shape (batch, m) = {tuple(size)}, got {tuple(bm.shape)}")
+    have = getattr(bm, "levy_area_approximation", "none")
+    if method in _LEVY_AREA_OK and have not in _LEVY_AREA_OK[method]:
+        raise ValueError(f"method {method!r} needs a Brownian motion with levy_area_approximation in "
+                         f"{_LEVY_AREA_OK[method]}; the bm passed has {have!r}")
+    return bm
+
+
+def _solve_adjoint(sde, aug, z0, ts, omega, adjoint_method, adjoint_checkpoints, common, solver_options):
+    """torchsde's adjoint with ω in place of the raw Hurst parameter and checkpoints for the stiff OU states."""
+    solver_options = dict(solver_options)
+    params = solver_options.pop("adjoint_params", None)
+    params = tuple(sde.parameters()) if params is None else tuple(params)
+    # torchsde's adjoint differentiates f and g w.r.t. its parameters at every step. ω(H) is a
+    # (K,)-vector computed once with a graph back to H: we hand ω itself to the adjoint in
+    # place of the raw Hurst parameter, get dL/dω, and autograd chains dω/dH once — no per-step
+    # recomputation of the weights, and no double counting.
+    hurst_params = [p for p in sde.noise.parameters()]
+    params = tuple(p for p in params if not any(p is q for q in hurst_params))
+    if omega.requires_grad:
+        params = params + (omega,)
+    grid, keep = ts, None
+    if adjoint_checkpoints and not common["adaptive"]:
+        grid, keep = _checkpoint_grid(ts, common["dt"], sde.noise.gamma_max)
+    zs = torchsde.sdeint_adjoint(aug, z0, grid, adjoint_method=adjoint_method, adjoint_params=params, **common,
+                                 **solver_options)
+    return zs if keep is None else zs[keep]
+
+
 # ---------------------------------------------------------------------------------------------
 # the solve
 # ---------------------------------------------------------------------------------------------
+# sdeint is ~85 lines: ~45 of them document every option; the body delegates to the helpers above.
 def sdeint(sde: FractionalSDE, x0: torch.Tensor, ts, method: Optional[str] = None, dt: float = 1e-3,
            adaptive: bool = False, adjoint: bool = False, adjoint_method: Optional[str] = None,
            return_noise: bool = False, return_kl: bool = False, bm=None,
@@ -464,34 +537,10 @@ def sdeint(sde: FractionalSDE, x0: torch.Tensor, ts, method: Optional[str] = Non
     dy_k = (−γ_k y_k + u) dt + dW, dx = f dt + g dB̂ with dB̂ = −Σωγy dt + Σω (dW + u dt): the
     driving Brownian motion is shifted by ∫u dt, so by Girsanov the path KL is ½∫|u|² dt.
     """
-    if not isinstance(sde, FractionalSDE):
-        raise TypeError(f"sde must be a FractionalSDE, got {type(sde).__name__}")
-    _check_x0(sde, x0)
-    ts = _check_ts(ts, x0)
-    dt = V.check_positive_float(dt, "dt")
-    allowed = _SOLVER_OPTIONS + (_ADJOINT_OPTIONS if adjoint else ())
-    for key in solver_options:
-        if key not in allowed:
-            raise TypeError(f"sdeint got an unexpected keyword argument {key!r}; solver options allowed here: "
-                            f"{allowed}")
-    control = getattr(sde, "control", None)
-    if return_kl and control is None:
-        raise ValueError("return_kl=True needs a controlled SDE: define control(t, x, y) on the FractionalSDE")
-    method, ts_sde_type, adjoint_method = _resolve_methods(sde.noise_type, sde.sde_type, method, adjoint,
-                                                           adjoint_method)
-
+    ts, dt, control, (method, ts_sde_type, adjoint_method) = _check_solve(
+        sde, x0, ts, method, dt, adjoint, adjoint_method, return_kl, solver_options)
     noise = sde.noise
-    if not adaptive and noise.gamma_max * dt > 1.0:
-        warnings.warn(f"gamma_max * dt = {noise.gamma_max * dt:.3g} > 1: explicit solvers misrepresent the fastest "
-                      f"OU process (Euler oscillates, and every explicit method here diverges beyond ~2); "
-                      f"use dt <= {1.0 / noise.gamma_max:.3g} or a smaller gamma_max", StiffnessWarning, stacklevel=2)
-
-    span = float(ts[-1] - ts[0])
-    if method == "reversible_heun" and noise.gamma_max * span > _REVERSIBLE_HEUN_MAX_GROWTH:
-        warnings.warn(f"reversible_heun is unstable on the OU components: its parasitic mode grows by "
-                      f"|a - sqrt(1 + a^2)| > 1 per step (a = -gamma*dt), about exp(gamma_max * T) = "
-                      f"{math.exp(min(noise.gamma_max * span, 700.0)):.3g} over this solve; use midpoint/heun, "
-                      f"or a smaller gamma_max * T", StiffnessWarning, stacklevel=2)
+    _warn_if_stiff(noise, ts, dt, adaptive, method)
     batch, shape = x0.shape[0], tuple(x0.shape[1:])
     m = _check_outputs(sde, ts[0], x0, control)
     K = noise.num_processes
@@ -503,19 +552,7 @@ def sdeint(sde: FractionalSDE, x0: torch.Tensor, ts, method: Optional[str] = Non
     aug = _AugmentedSDE(sde, shape, m, omega, gammas, _TORCHSDE_NOISE[sde.noise_type], ts_sde_type,
                         control, return_kl)
 
-    if bm is None:
-        bm = torchsde.BrownianInterval(t0=ts[0], t1=ts[-1], size=(batch, m), dtype=dtype, device=device,
-                                       entropy=_entropy(generator, entropy), dt=dt,
-                                       levy_area_approximation=_LEVY_AREA.get(method, "none"))
-    else:
-        if entropy is not None:
-            raise ValueError("entropy seeds the Brownian motion sdeint builds; it cannot be combined with bm")
-        if tuple(bm.shape) != (batch, m):
-            raise ValueError(f"bm must have shape (batch, m) = {(batch, m)}, got {tuple(bm.shape)}")
-        have = getattr(bm, "levy_area_approximation", "none")
-        if method in _LEVY_AREA_OK and have not in _LEVY_AREA_OK[method]:
-            raise ValueError(f"method {method!r} needs a Brownian motion with levy_area_approximation in "
-                             f"{_LEVY_AREA_OK[method]}; the bm passed has {have!r}")
+    bm = _brownian_motion(bm, ts, (batch, m), dt, method, generator, entropy, dtype, device)
     # OU states start at ts[0]: zeros (type II) or the stationary law (type I); stored K-major
     y0 = noise.initial_state(batch * m, generator=generator, dtype=dtype, device=device)
     y0 = y0.reshape(batch, m, K).transpose(1, 2).reshape(batch, K * m)
@@ -524,26 +561,11 @@ def sdeint(sde: FractionalSDE, x0: torch.Tensor, ts, method: Optional[str] = Non
         parts.append(x0.new_zeros(batch, 1))
     z0 = torch.cat(parts, dim=1)
 
-    params = solver_options.pop("adjoint_params", None)
-    common = dict(bm=bm, method=method, dt=dt, adaptive=adaptive, **solver_options)
+    common = dict(bm=bm, method=method, dt=dt, adaptive=adaptive)
     if adjoint:
-        params = tuple(sde.parameters()) if params is None else tuple(params)
-        # torchsde's adjoint differentiates f and g w.r.t. its parameters at every step. ω(H) is a
-        # (K,)-vector computed once above with a graph back to H: we hand ω itself to the adjoint in
-        # place of the raw Hurst parameter, get dL/dω, and autograd chains dω/dH once — no per-step
-        # recomputation of the weights, and no double counting.
-        hurst_params = [p for p in noise.parameters()]
-        params = tuple(p for p in params if not any(p is q for q in hurst_params))
-        if omega.requires_grad:
-            params = params + (omega,)
-        grid, keep = ts, None
-        if adjoint_checkpoints and not adaptive:
-            grid, keep = _checkpoint_grid(ts, dt, noise.gamma_max)
-        zs = torchsde.sdeint_adjoint(aug, z0, grid, adjoint_method=adjoint_method, adjoint_params=params, **common)
-        if keep is not None:
-            zs = zs[keep]
+        zs = _solve_adjoint(sde, aug, z0, ts, omega, adjoint_method, adjoint_checkpoints, common, solver_options)
     else:
-        zs = torchsde.sdeint(aug, z0, ts, **common)
+        zs = torchsde.sdeint(aug, z0, ts, **common, **solver_options)
 
     if check_finite:
         _raise_if_nonfinite(zs, ts)

@@ -27,7 +27,9 @@ def _worker(out: Path) -> None:
     torch.set_num_threads(1)
     from models.gfdm import distributed
     from models.gfdm.generate import class_labels, generate
-    from models.gfdm.train import TrainConfig, load_for_sampling, train
+    from models.gfdm.checkpoint import load_for_sampling
+    from models.gfdm.config import TrainConfig
+    from models.gfdm.train import train
 
     result = train(TrainConfig(**CONFIG, out=str(out / "run")), log=lambda *a: None)
     ctx = distributed.init("cpu")
@@ -46,7 +48,9 @@ def test_two_gloo_processes_match_one_process(tmp_path):
     import torch
 
     from models.gfdm.generate import class_labels, generate
-    from models.gfdm.train import TrainConfig, load_for_sampling, train
+    from models.gfdm.checkpoint import load_for_sampling
+    from models.gfdm.config import TrainConfig
+    from models.gfdm.train import train
 
     env = {**os.environ, "OMP_NUM_THREADS": "1", "GFDM_CACHE": str(tmp_path / "cache")}
     env.pop("WORLD_SIZE", None)

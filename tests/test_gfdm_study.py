@@ -59,11 +59,13 @@ def test_mixture_oracle_samples_the_mixture():
     assert np.all(np.abs(f - w) <= bonferroni_z(8) * np.sqrt(w * (1 - w) / n) + 0.01)
 
 
-def test_parse_dynamics():
-    assert S.parse_dynamics("vp").name == "VP"
-    assert S.parse_dynamics("fve:0.7:2").name == "FVE(H=0.7,K=2)"
-    with pytest.raises(ValueError, match="dynamics spec"):
-        S.parse_dynamics("fvp:0.7")
+def test_study_takes_dynamics_specs_and_refuses_bad_ones_before_training(tmp_path, capsys):
+    assert S.DEFAULT_DYNAMICS[2] == "fvp:H=0.7,K=2"
+    with pytest.raises(SystemExit) as e:
+        S.main(["--out", str(tmp_path), "--dynamics", "vp", "fvp:0.7:2"])
+    assert e.value.code == 2
+    assert "expected key=value items separated by commas (e.g. fvp:H=0.9,K=3); got '0.7:2'" in capsys.readouterr().err
+    assert not (tmp_path / "results.json").exists()
 
 
 def test_quick_study_writes_table_json_and_figure(tmp_path, capsys):

@@ -5,17 +5,26 @@ runs code. It is written to a temporary file in the target folder, flushed to di
 target with :func:`os.replace`, so a crash leaves either the old or the new checkpoint, never half a file.
 :func:`load_checkpoint` checks the format and the required keys and raises :class:`CheckpointError` with
 a readable message; callers check everything before they change any model, optimiser or file.
+
+Also here: the global RNG states as plain tensors (:func:`rng_state` / :func:`set_rng_state`), and
+:func:`load_for_sampling`, which rebuilds the network and the dynamics a checkpoint describes.
 """
 from __future__ import annotations
 
 import os
+import random
 import tempfile
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 
-__all__ = ["CheckpointError", "save_checkpoint", "atomic_save", "load_checkpoint", "check_state_dict", "FORMAT"]
+from .spec import DynamicsSpec
+from .unet import UNet, UNetConfig
+
+__all__ = ["CheckpointError", "save_checkpoint", "atomic_save", "load_checkpoint", "check_state_dict", "FORMAT",
+           "rng_state", "set_rng_state", "load_for_sampling"]
 
 FORMAT = "fracsde-gfdm-checkpoint"
 VERSION = 1
@@ -91,3 +100,43 @@ def check_state_dict(model: nn.Module, state: dict, what: str, path) -> None:
         if shapes:
             parts.append("shape mismatch " + "; ".join(shapes[:5]))
         raise CheckpointError(f"{path}: {what} weights do not fit the network: " + ", ".join(parts))
+
+
+def rng_state() -> dict:
+    """torch's, numpy's and Python's global RNG states as tensors and plain values (``weights_only``-loadable)."""
+    np_state = np.random.get_state()
+    py_state = random.getstate()
+    return {"torch": torch.get_rng_state(),
+            "numpy": {"keys": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),
+                      "has_gauss": int(np_state[3]), "gauss": float(np_state[4])},
+            "python": {"version": py_state[0], "state": torch.tensor(py_state[1], dtype=torch.int64),
+                       "gauss": py_state[2]}}
+
+
+def set_rng_state(state: dict) -> None:
+    """Inverse of :func:`rng_state`."""
+    torch.set_rng_state(state["torch"])
+    n = state["numpy"]
+    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
+    p = state["python"]
+    random.setstate((p["version"], tuple(int(i) for i in p["state"].tolist()), p["gauss"]))
+
+
+def load_for_sampling(path, device="cpu", weights: str = "ema"):
+    """(network in eval mode, dynamics, checkpoint dict) from a checkpoint, for sampling and evaluation.
+
+    The dynamics are rebuilt from the checkpoint's ``"dynamics"`` entry (a :class:`DynamicsSpec` dict; the
+    older ``{"name", "hurst", "num_processes"}`` entry is read too)."""
+    if weights not in ("ema", "raw"):
+        raise ValueError(f"weights must be 'ema' or 'raw'; got {weights!r}")
+    state = load_checkpoint(path)
+    try:
+        unet_config = UNetConfig.from_dict(dict(state["unet_config"]))
+        dyn = DynamicsSpec.from_dict(state["dynamics"]).build()
+    except (TypeError, ValueError, KeyError) as e:
+        raise CheckpointError(f"{path}: its network or dynamics description is invalid: {e}") from None
+    net = UNet(unet_config)
+    weights_state = state["ema" if weights == "ema" else "model"]
+    check_state_dict(net, weights_state, weights, path)
+    net.load_state_dict(weights_state)
+    return net.to(device).eval(), dyn.to(device), state

@@ -12,10 +12,12 @@ underscores); flags given on the command line override the file.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
 import time
+import typing
 from pathlib import Path
 
 import numpy as np
@@ -32,86 +34,93 @@ class _FMT(argparse.ArgumentDefaultsHelpFormatter):
         return super()._get_help_string(action)
 
 
-
 class _ArgError(Exception):
     pass
 
 
-def _float_or_none(text: str):
-    return None if str(text).lower() in ("none", "off") else float(text)
+def _sampler_names() -> tuple[str, ...]:
+    from . import sampling
+
+    return tuple(getattr(sampling, "SAMPLERS", None) or sampling.METHODS)
 
 
-def _add_data_args(p):
-    from .data import DATASETS
+def _dynamics_text(text: str) -> str:
+    """argparse type of ``--dynamics``: a family name or a full :class:`~models.gfdm.spec.DynamicsSpec` text."""
+    from .spec import DynamicsSpec
 
-    g = p.add_argument_group("data")
-    g.add_argument("--dataset", default="digits", choices=DATASETS,
-                   help="digits: scikit-learn 8x8 (embedded); fashion-mnist: Debian package "
-                        "dataset-fashion-mnist or --data-root; mnist/cifar10: files under --data-root")
-    g.add_argument("--data-root", default=None,
-                   help="folder with the dataset files (default: $GFDM_DATA, then standard places)")
-    g.add_argument("--download", action="store_true", help="download with torchvision into --data-root")
-    return g
+    try:
+        DynamicsSpec.parse(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"invalid choice: {e}") from None
+    return text
+
+
+def _flag_kwargs(f, hint, default) -> dict:
+    """argparse keyword arguments of the flag of TrainConfig field ``f`` (type from its annotation ``hint``)."""
+    kw = {k: (v() if k == "choices" and callable(v) else v) for k, v in f.metadata["argparse"].items()}
+    help_text = f.metadata["help"]
+    kw["help"] = help_text() if callable(help_text) else help_text
+    kw["default"] = default
+    base = {a for a in typing.get_args(hint) if a is not type(None)} or {hint}   # X | None -> X
+    base = next(iter(base))
+    if base is bool:
+        kw["action"] = "store_true" if default is False else argparse.BooleanOptionalAction
+    elif typing.get_origin(base) is tuple:
+        kw.setdefault("type", int)
+    elif base in (int, float):
+        kw.setdefault("type", base)
+    if f.name == "dynamics":         # family names or full specs; a bad one is an argparse error
+        kw["type"] = _dynamics_text
+    return kw
+
+
+def add_config_flags(parser, names, defaults: dict | None = None) -> dict:
+    """Add a flag per TrainConfig field in ``names`` (``--field-name``), in argument groups named by the fields'
+    metadata; ``defaults`` overrides the dataclass defaults. Returns the groups by name."""
+    from .config import TrainConfig
+
+    hints = typing.get_type_hints(TrainConfig)
+    defaults = defaults or {}
+    groups = {}
+    for f in dataclasses.fields(TrainConfig):
+        if f.name not in names:
+            continue
+        group = f.metadata["group"]
+        if group not in groups:
+            groups[group] = parser.add_argument_group(group)
+        kw = _flag_kwargs(f, hints[f.name], defaults.get(f.name, f.default))
+        groups[group].add_argument("--" + f.name.replace("_", "-"), **kw)
+    return groups
+
+
+def _config_names(exclude=()) -> tuple[str, ...]:
+    from .config import TrainConfig
+
+    return tuple(f.name for f in dataclasses.fields(TrainConfig) if f.name not in exclude)
+
+
+# `gfdm compare` chooses these per dynamics and output folder itself
+_COMPARE_OWN = ("dynamics", "hurst", "num_processes", "out", "resume", "overwrite")
+_COMPARE_DEFAULTS = {"preset": "digits-tiny", "steps": 1500, "lr": 1e-3}
 
 
 def _add_train_args(p, compare: bool = False):
-    from .train import AMP_CHOICES, DYNAMICS, TrainConfig
-    from .unet import PRESETS
+    names = _config_names(exclude=_COMPARE_OWN if compare else ())
+    groups = add_config_flags(p, names, _COMPARE_DEFAULTS if compare else None)
+    groups["run"].add_argument("--threads", type=int, default=None,
+                               help="torch CPU threads (default: torch's choice)")
 
-    d = TrainConfig()
-    g = _add_data_args(p)
-    g.add_argument("--hflip", action=argparse.BooleanOptionalAction, default=None,
-                   help="random horizontal flips (default: as the paper, CIFAR-10 only)")
-    if not compare:
-        g = p.add_argument_group("dynamics")
-        g.add_argument("--dynamics", default=d.dynamics, choices=DYNAMICS,
-                       help="vp/ve: Brownian (Song et al.); fvp/fve: fractional (GFDM)")
-        g.add_argument("--hurst", type=float, default=d.hurst, help="Hurst index H of fvp/fve")
-        g.add_argument("--num-processes", type=int, default=d.num_processes,
-                       help="number K of OU processes of fvp/fve")
-    g = p.add_argument_group("network")
-    g.add_argument("--preset", default="digits-tiny" if compare else d.preset, choices=tuple(PRESETS),
-                   help="U-Net size (the flags below override single fields)")
-    g.add_argument("--channels", type=int, default=None, help="base channels (default: preset)")
-    g.add_argument("--channel-mult", type=int, nargs="+", default=None, help="per-level multipliers (default: preset)")
-    g.add_argument("--num-res-blocks", type=int, default=None, help="residual blocks per level (default: preset)")
-    g.add_argument("--attention-resolutions", type=int, nargs="*", default=None,
-                   help="resolutions with self-attention; none for no attention (default: preset)")
-    g.add_argument("--dropout", type=float, default=None, help="dropout (default: preset)")
-    g.add_argument("--class-cond", action="store_true", help="condition on class labels")
-    g = p.add_argument_group("optimisation")
-    g.add_argument("--batch-size", type=int, default=d.batch_size, help="global batch (all processes)")
-    g.add_argument("--steps", type=int, default=1500 if compare else d.steps, help="optimizer steps")
-    g.add_argument("--lr", type=float, default=1e-3 if compare else d.lr, help="Adam learning rate")
-    g.add_argument("--lr-warmup", type=int, default=d.lr_warmup, help="linear warm-up steps")
-    g.add_argument("--grad-clip", type=float, default=d.grad_clip, help="gradient-norm clip (0: off)")
-    g.add_argument("--grad-accum", type=int, default=d.grad_accum, help="micro-batches per step and process")
-    g.add_argument("--ema-halflife-kimg", type=float, default=d.ema_halflife_kimg,
-                   help="EMA half-life in thousands of training images (0.9999/step at batch 128 ≈ 887)")
-    g.add_argument("--ema-rampup", type=_float_or_none, default=d.ema_rampup,
-                   help="half-life at most this fraction of images seen ('none': off)")
-    g.add_argument("--t-eps", type=float, default=d.t_eps, help="smallest diffusion time in training")
-    g.add_argument("--amp", default=d.amp, choices=AMP_CHOICES,
-                   help="bf16 autocast of the network (auto: on CUDA only; CPU runs in float32)")
-    g.add_argument("--seed", type=int, default=d.seed, help="seed of weights, data order and noise")
-    g = p.add_argument_group("run")
-    g.add_argument("--device", default=d.device, help="auto, cpu, cuda, cuda:1, …")
-    g.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
-    g.add_argument("--log-every", type=int, default=d.log_every, help="steps between metrics lines")
-    g.add_argument("--ckpt-every", type=int, default=d.ckpt_every, help="steps between checkpoints")
-    g.add_argument("--sample-every", type=int, default=d.sample_every, help="steps between sample grids")
-    g.add_argument("--sample-num", type=int, default=d.sample_num, help="images in a training sample grid")
-    g.add_argument("--grid-steps", type=int, default=d.sample_steps, help="sampler steps of training grids")
-    g.add_argument("--time-limit", type=float, default=None, help="minutes of wall time, then checkpoint and stop")
-    g.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="progress bar")
+
+def _add_data_args(p):
+    add_config_flags(p, ("dataset", "data_root", "download"))
 
 
 def _add_sampling_args(g, num: int, steps: int):
     g.add_argument("--num", type=int, default=num, help="number of images")
     g.add_argument("--batch-size", type=int, default=500, help="images per sampler batch")
     g.add_argument("--steps", type=int, default=steps, help="sampler steps")
-    g.add_argument("--method", default="sde", choices=("sde", "ode"),
-                   help="reverse SDE (Euler–Maruyama) or probability-flow ODE")
+    g.add_argument("--method", default="sde", choices=_sampler_names(),
+                   help="sampler, e.g. sde (reverse SDE, Euler–Maruyama) or ode (probability-flow ODE)")
     g.add_argument("--weights", default="ema", choices=("ema", "raw"), help="EMA or raw network weights")
     g.add_argument("--seed", type=int, default=0, help="sampling seed (images do not depend on process count)")
     g.add_argument("--device", default="auto", help="auto, cpu, cuda, …")
@@ -131,17 +140,16 @@ def _add_metric_args(g):
 
 
 def build_parser() -> tuple[argparse.ArgumentParser, dict]:
+    from .compare import DEFAULT_SPECS
+
     parser = argparse.ArgumentParser(prog="gfdm", description=__doc__.split("\n\n")[0], formatter_class=_FMT)
     sub = parser.add_subparsers(dest="command", required=True, metavar="{train,sample,evaluate,compare}")
     subs = {}
 
     p = subs["train"] = sub.add_parser("train", formatter_class=_FMT, help="train a score network",
                                        description="Train an ε-network with the GFDM score-matching loss.")
-    p.add_argument("--config", default=None, help="JSON or TOML file with the same keys as these flags")
-    p.add_argument("--out", default="runs/gfdm", help="output folder (checkpoint.pt, metrics.jsonl, samples/)")
-    p.add_argument("--resume", nargs="?", const="auto", default=None, metavar="CHECKPOINT",
-                   help="continue from CHECKPOINT (no value: OUT/checkpoint.pt if it exists)")
-    p.add_argument("--overwrite", action="store_true", help="start over even if OUT holds a checkpoint")
+    p.add_argument("--config", default=None, help="JSON or TOML file with the same keys as these flags "
+                                                   "(a run's own config.json included)")
     _add_train_args(p)
 
     p = subs["sample"] = sub.add_parser("sample", formatter_class=_FMT, help="draw images from a checkpoint",
@@ -174,8 +182,10 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict]:
                     "table (FID, VS_p, time), write it to OUT/compare.md and sample grids to OUT/. The defaults "
                     "compare VP with FVP(H=0.9,K=3) on the 8x8 digits in a few CPU minutes.")
     p.add_argument("--config", default=None, help="JSON or TOML file with the same keys as these flags")
-    p.add_argument("--dynamics", nargs="+", default=["vp", "fvp:H=0.9,K=3"],
-                   help="dynamics to compare: vp, ve, fvp:H=<hurst>,K=<processes>, fve:H=…,K=…")
+    p.add_argument("--dynamics", nargs="+", default=list(DEFAULT_SPECS),
+                   metavar="SPEC",
+                   help="dynamics to compare: vp, ve, fvp:H=<hurst>,K=<processes>, fve:H=…,K=…, and any other "
+                        "argument of FVP/FVE by name (e.g. fvp:H=0.9,K=3,gamma_max=10)")
     p.add_argument("--out", default="runs/compare", help="output folder")
     p.add_argument("--reuse", action="store_true",
                    help="reuse finished runs in OUT instead of retraining (unfinished ones are resumed)")
@@ -184,7 +194,7 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict]:
     g.add_argument("--num-samples", type=int, default=500, help="samples per dynamics for FID and VS_p")
     g.add_argument("--sample-steps", type=int, default=200, help="sampler steps")
     g.add_argument("--sample-batch", type=int, default=500, help="images per sampler batch")
-    g.add_argument("--method", default="sde", choices=("sde", "ode"), help="sampler")
+    g.add_argument("--method", default="sde", choices=_sampler_names(), help="sampler")
     _add_metric_args(g)
     return parser, subs
 
@@ -211,7 +221,11 @@ def _read_config(path: str) -> dict:
     return {k.replace("-", "_"): v for k, v in data.items()}
 
 
-def _apply_config(sub: argparse.ArgumentParser, values: dict, path: str) -> None:
+def _apply_config(sub: argparse.ArgumentParser, values: dict, path: str, command: str) -> None:
+    if command == "train":        # TrainConfig's older names and the keys a run's config.json records
+        from .config import settings_only
+
+        values = settings_only(values)
     actions = {a.dest: a for a in sub._actions if a.dest not in ("help", "config")}
     unknown = sorted(set(values) - set(actions))
     if unknown:
@@ -233,7 +247,7 @@ def _apply_config(sub: argparse.ArgumentParser, values: dict, path: str) -> None
                 v = a.type(v) if not (a.type is int and isinstance(v, float) and not v.is_integer()) else None
                 if v is None:
                     raise TypeError("expected an integer")
-        except (TypeError, ValueError) as e:
+        except (TypeError, ValueError, argparse.ArgumentTypeError) as e:
             raise _ArgError(f"config file {path}: {key}={values[key]!r} is invalid ({e})") from None
         if a.choices is not None and v is not None:
             bad = [x for x in (v if isinstance(v, list) else [v]) if x not in a.choices]
@@ -255,7 +269,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if getattr(args, "config", None):
         try:
-            _apply_config(subs[args.command], _read_config(args.config), args.config)
+            _apply_config(subs[args.command], _read_config(args.config), args.config, args.command)
         except _ArgError as e:
             subs[args.command].error(str(e))
         args = parser.parse_args(argv)
@@ -263,27 +277,17 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 # -------------------------------------------------------------------------------------------- commands
-def _train_config(args, **extra):
-    from .train import TrainConfig
+def _train_config(args, exclude=(), **extra):
+    """The TrainConfig of the flags (its fields but ``exclude``), with ``extra`` on top."""
+    from .config import TrainConfig
 
-    keys = dict(dataset=args.dataset, data_root=args.data_root, download=args.download, hflip=args.hflip,
-                preset=args.preset, channels=args.channels, channel_mult=args.channel_mult,
-                num_res_blocks=args.num_res_blocks, attention_resolutions=args.attention_resolutions,
-                dropout=args.dropout, class_cond=args.class_cond, batch_size=args.batch_size, steps=args.steps,
-                lr=args.lr, lr_warmup=args.lr_warmup, grad_clip=args.grad_clip, grad_accum=args.grad_accum,
-                ema_halflife_kimg=args.ema_halflife_kimg, ema_rampup=args.ema_rampup, t_eps=args.t_eps,
-                amp=args.amp, seed=args.seed, device=args.device, log_every=args.log_every,
-                ckpt_every=args.ckpt_every, sample_every=args.sample_every, sample_num=args.sample_num,
-                sample_steps=args.grid_steps, time_limit=args.time_limit, progress=args.progress)
-    keys.update(extra)
-    return TrainConfig(**keys)
+    return TrainConfig(**{**{name: getattr(args, name) for name in _config_names(exclude)}, **extra})
 
 
 def _cmd_train(args, log):
     from .train import train
 
-    cfg = _train_config(args, dynamics=args.dynamics, hurst=args.hurst, num_processes=args.num_processes,
-                        out=args.out, resume=args.resume, overwrite=args.overwrite)
+    cfg = _train_config(args)
     result = train(cfg, log=log)
     if result["step"]:
         log(f"done: step {result['step']}, loss {result['loss']:.4f}, {result['img_per_s']:.0f} img/s, "
@@ -292,8 +296,8 @@ def _cmd_train(args, log):
 
 
 def _sample(args, ctx, log):
+    from .checkpoint import load_for_sampling
     from .generate import class_labels, generate
-    from .train import load_for_sampling
 
     model, dyn, state = load_for_sampling(args.checkpoint, device=ctx.device, weights=args.weights)
     shape = tuple(state["dataset"]["shape"])
@@ -340,8 +344,8 @@ def _cmd_sample(args, ctx, log):
 
 def _cmd_evaluate(args, ctx, log):
     from .data import load_dataset
+    from .checkpoint import load_for_sampling
     from .evaluate import evaluate_samples, nll_bits_per_dim
-    from .train import load_for_sampling
 
     state = None
     if args.samples:
@@ -394,12 +398,13 @@ def _cmd_evaluate(args, ctx, log):
 
 
 def _cmd_compare(args, log):
-    from .compare import compare, parse_spec
+    from .compare import compare
+    from .spec import DynamicsSpec
 
-    specs = [parse_spec(s) for s in args.dynamics]
-    if len({s.slug for s in specs}) != len(specs):
+    specs = [DynamicsSpec.parse(text) for text in args.dynamics]
+    if len({spec.slug for spec in specs}) != len(specs):
         raise ValueError(f"--dynamics lists the same dynamics twice: {args.dynamics}")
-    base = _train_config(args, out=args.out)
+    base = _train_config(args, exclude=_COMPARE_OWN, out=args.out)
     t0 = time.perf_counter()
     res = compare(specs, base, args.out, num_samples=args.num_samples, sample_steps=args.sample_steps,
                   method=args.method, sample_batch=args.sample_batch, inception=args.inception,

@@ -2,59 +2,21 @@
 from __future__ import annotations
 
 import json
-import re
 import time
-from dataclasses import dataclass, replace
 from pathlib import Path
 
 from . import distributed
+from .checkpoint import load_for_sampling
+from .config import TrainConfig
 from .data import load_dataset
 from .evaluate import evaluate_samples
 from .generate import class_labels, derive_seed, generate, save_grid
-from .train import DYNAMICS, TrainConfig, dynamics_label, load_for_sampling, train
+from .spec import DynamicsSpec
+from .train import train
 
-__all__ = ["DynamicsSpec", "parse_spec", "compare", "format_table", "DEFAULT_SPECS"]
+__all__ = ["compare", "format_table", "DEFAULT_SPECS"]
 
 DEFAULT_SPECS = ("vp", "fvp:H=0.9,K=3")
-
-
-@dataclass(frozen=True)
-class DynamicsSpec:
-    name: str
-    hurst: float = 0.9
-    num_processes: int = 0
-
-    @property
-    def label(self) -> str:
-        return dynamics_label(self.name, self.hurst, self.num_processes)
-
-    @property
-    def slug(self) -> str:
-        return re.sub(r"[^a-z0-9]+", "-", self.label.lower()).strip("-")
-
-
-def parse_spec(text: str) -> DynamicsSpec:
-    """``vp``, ``ve``, ``fvp:H=0.9,K=3``, ``fve:H=0.7,K=2`` (H and K default to 0.9 and 3)."""
-    name, _, params = text.strip().lower().partition(":")
-    if name not in DYNAMICS:
-        raise ValueError(f"dynamics spec {text!r}: name must be one of {DYNAMICS}")
-    if name in ("vp", "ve"):
-        if params:
-            raise ValueError(f"dynamics spec {text!r}: {name} takes no parameters")
-        return DynamicsSpec(name)
-    values = {"h": 0.9, "k": 3}
-    for item in filter(None, params.split(",")):
-        key, eq, val = item.partition("=")
-        if not eq or key.strip() not in values:
-            raise ValueError(f"dynamics spec {text!r}: expected H=<hurst>,K=<processes>, got {item!r}")
-        values[key.strip()] = val.strip()
-    try:
-        hurst, k = float(values["h"]), int(values["k"])
-    except ValueError:
-        raise ValueError(f"dynamics spec {text!r}: H must be a number and K an integer") from None
-    if not 0 < hurst < 1 or k < 1:
-        raise ValueError(f"dynamics spec {text!r}: need 0 < H < 1 and K >= 1")
-    return DynamicsSpec(name, hurst, k)
 
 
 def format_table(rows: list[dict], fid_header: str) -> str:
@@ -80,9 +42,8 @@ def compare(specs: list[DynamicsSpec], base: TrainConfig, out, *, num_samples: i
     test_data = load_dataset(base.dataset, base.data_root, "test", base.download)
     rows = []
     for spec in specs:
-        cfg = replace(base, dynamics=spec.name, hurst=spec.hurst, num_processes=max(spec.num_processes, 1)
-                      if spec.name in ("fvp", "fve") else base.num_processes, out=str(out / spec.slug),
-                      resume="auto" if reuse else None, overwrite=not reuse)
+        cfg = base.with_dynamics(spec, out=str(out / spec.slug), resume="auto" if reuse else None,
+                                 overwrite=not reuse)
         result = train(cfg, log=log)
         if result["stopped"]:      # SIGTERM / Ctrl-C / time limit: stop the whole comparison, resumable
             log(f"compare stopped during {spec.label} ({result['stopped']}); rerun with --reuse to continue")

@@ -16,6 +16,12 @@ Sources (``name``: where it is looked for):
   ``root``. They are read with a restricted unpickler that only rebuilds numpy arrays, lists and dicts.
 
 With ``download=True`` and torchvision installed, mnist / fashion-mnist / cifar10 are fetched into ``root``.
+
+:data:`DATASETS` maps each name to its :class:`DatasetSource` (loader and one-line help); ``load_dataset``,
+the ``--dataset`` choices of ``gfdm`` and their help come from it, so a new dataset is one registration::
+
+    DATASETS["tiny-noise"] = DatasetSource(load=lambda root, split, download: ImageDataset(...),
+                                           help="random 8x8 images")
 """
 from __future__ import annotations
 
@@ -25,15 +31,16 @@ import os
 import pickle
 import struct
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
 
-__all__ = ["ImageDataset", "DatasetNotFoundError", "load_dataset", "DATASETS", "BatchStream",
-           "DEFAULT_FASHION_MNIST_DIR", "derive_seed"]
+__all__ = ["ImageDataset", "DatasetNotFoundError", "DatasetSource", "load_dataset", "DATASETS", "BatchStream",
+           "DEFAULT_FASHION_MNIST_DIR", "derive_seed", "datasets_help"]
 
-DATASETS = ("digits", "fashion-mnist", "mnist", "cifar10")
 DEFAULT_FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
 
 
@@ -100,7 +107,7 @@ def _split_check(split: str) -> str:
     return split
 
 
-def _load_digits(split: str) -> ImageDataset:
+def _load_digits(root, split: str, download: bool) -> ImageDataset:   # embedded: no root, no download
     from sklearn.datasets import load_digits
 
     d = load_digits()
@@ -247,17 +254,37 @@ def _load_cifar10(root, split: str, download: bool) -> ImageDataset:
                         f"{where} ({split}: {images.shape[0]} images)")
 
 
+@dataclass(frozen=True)
+class DatasetSource:
+    """How to get a dataset: ``load(root, split, download) -> ImageDataset`` (``split`` is "train" or
+    "test"; raise :class:`DatasetNotFoundError` saying where to put the files), and a line for ``--help``."""
+
+    load: Callable[[str | os.PathLike | None, str, bool], ImageDataset]
+    help: str
+
+
+#: name → source; ``gfdm --dataset`` offers exactly these (a new dataset is one entry)
+DATASETS: dict[str, DatasetSource] = {
+    "digits": DatasetSource(_load_digits, "scikit-learn 8x8 (embedded)"),
+    "fashion-mnist": DatasetSource(partial(_load_mnist_like, "fashion-mnist"),
+                                   "Debian package dataset-fashion-mnist or --data-root"),
+    "mnist": DatasetSource(partial(_load_mnist_like, "mnist"), "idx files or mnist.npz under --data-root"),
+    "cifar10": DatasetSource(_load_cifar10, "CIFAR-10 python batches under --data-root"),
+}
+
+
 def load_dataset(name: str, root: str | os.PathLike | None = None, split: str = "train",
                  download: bool = False) -> ImageDataset:
-    """Load ``name`` (one of :data:`DATASETS`) as uint8 images; see the module docstring for sources."""
+    """Load ``name`` (a key of :data:`DATASETS`) as uint8 images; see the module docstring for sources."""
     _split_check(split)
-    if name == "digits":
-        return _load_digits(split)
-    if name in ("mnist", "fashion-mnist"):
-        return _load_mnist_like(name, root, split, download)
-    if name == "cifar10":
-        return _load_cifar10(root, split, download)
-    raise ValueError(f"dataset must be one of {DATASETS}; got {name!r}")
+    if name not in DATASETS:
+        raise ValueError(f"dataset must be one of {tuple(DATASETS)}; got {name!r}")
+    return DATASETS[name].load(root, split, download)
+
+
+def datasets_help() -> str:
+    """``name: help`` of every registered dataset, for ``--dataset``."""
+    return "; ".join(f"{name}: {source.help}" for name, source in DATASETS.items())
 
 
 # ------------------------------------------------------------------------------------------ batch order

@@ -23,7 +23,7 @@ from fracsde.numerics import log_linear_grid, log_linear_grid_times
 
 from .loss import check_data, check_t_eps
 
-__all__ = ["nll_bits_per_dim", "likelihood_grid"]
+__all__ = ["nll_bits_per_dim", "likelihood_grid", "divergence"]
 
 
 def likelihood_grid(dynamics: LinearFractionalDynamics, steps: int, t_eps: float, device=None) -> torch.Tensor:
@@ -54,47 +54,20 @@ def nll_bits_per_dim(eps_model: Callable, dyn: LinearFractionalDynamics, x0: tor
         raise ValueError(f"steps must be an integer >= 1; got {steps!r}")
     if isinstance(hutchinson_samples, bool) or not isinstance(hutchinson_samples, int) or hutchinson_samples < 1:
         raise ValueError(f"hutchinson_samples must be an integer >= 1; got {hutchinson_samples!r}")
-    kw = model_kwargs or {}
     batch = x0.shape[0]
     d = x0[0].numel()
     dtype = x0.dtype
     ts = likelihood_grid(dyn, steps, t_eps, device=x0.device)
-    if exact_trace:
-        probes = None
-    else:
-        probes = [torch.randint(0, 2, x0.shape, generator=generator, device=x0.device).to(dtype) * 2 - 1
-                  for _ in range(hutchinson_samples)]
-
-    def field(u, t):
-        """(du/dt, d(log-density change)/dt = div) at time t (0-d float64)."""
-        coef = dyn.coefficients(t)
-        mu = coef["mu"].to(dtype)
-        a = (0.5 * coef["delta"] * coef["kappa"]).to(dtype)
-        with torch.enable_grad():
-            u = u.detach().requires_grad_(True)
-            eps = eps_model(u, t.to(dtype).expand(batch), **kw)
-            if eps.shape != u.shape:
-                raise ValueError(f"eps_model must return the input's shape {tuple(u.shape)}; got {tuple(eps.shape)}")
-            if probes is None:
-                div = torch.zeros(batch, dtype=dtype, device=u.device)
-                flat = eps.reshape(batch, -1)
-                for i in range(d):
-                    gi = torch.autograd.grad(flat[:, i].sum(), u, retain_graph=i < d - 1)[0]
-                    div = div + gi.reshape(batch, -1)[:, i]
-            else:
-                div = 0.0
-                for j, z in enumerate(probes):
-                    gz = torch.autograd.grad((eps * z).sum(), u, retain_graph=j < len(probes) - 1)[0]
-                    div = div + (gz * z).reshape(batch, -1).sum(1)
-                div = div / len(probes)
-        drift = mu * u.detach() + a * eps.detach()
-        return drift, d * mu + a * div.detach()
+    probes = None if exact_trace else [
+        torch.randint(0, 2, x0.shape, generator=generator, device=x0.device).to(dtype) * 2 - 1
+        for _ in range(hutchinson_samples)]
+    field = _ProbabilityFlow(eps_model, dyn, model_kwargs or {}, probes)
 
     c_eps = dyn.mean_coefficient(ts[0]).to(dtype)
     u = c_eps * x0
     delta_logp = torch.zeros(batch, dtype=dtype, device=x0.device)
     f0, g0 = field(u, ts[0])
-    for n in range(steps):
+    for n in range(steps):     # Heun
         h = (ts[n + 1] - ts[n]).to(dtype)
         u_pred = u + h * f0
         f1, g1 = field(u_pred, ts[n + 1])
@@ -105,3 +78,43 @@ def nll_bits_per_dim(eps_model: Callable, dyn: LinearFractionalDynamics, x0: tor
     prior = -0.5 * (u.reshape(batch, -1) ** 2).sum(1) / sigma_T ** 2 - 0.5 * d * torch.log(2 * math.pi * sigma_T ** 2)
     logp = prior + delta_logp + d * torch.log(c_eps)
     return -logp / (d * math.log(2.0)) + bits_offset
+
+
+def divergence(eps: torch.Tensor, u: torch.Tensor, probes: Optional[list]) -> torch.Tensor:
+    """div_u ε per sample, (batch,): exact with d vector–Jacobian products (``probes=None``), else the
+    Hutchinson estimate averaged over the given Rademacher probes. ``eps`` must carry a graph to ``u``."""
+    batch = u.shape[0]
+    if probes is None:
+        div = torch.zeros(batch, dtype=u.dtype, device=u.device)
+        flat = eps.reshape(batch, -1)
+        d = flat.shape[1]
+        for i in range(d):
+            gi = torch.autograd.grad(flat[:, i].sum(), u, retain_graph=i < d - 1)[0]
+            div = div + gi.reshape(batch, -1)[:, i]
+        return div
+    div = 0.0
+    for j, z in enumerate(probes):
+        gz = torch.autograd.grad((eps * z).sum(), u, retain_graph=j < len(probes) - 1)[0]
+        div = div + (gz * z).reshape(batch, -1).sum(1)
+    return div / len(probes)
+
+
+class _ProbabilityFlow:
+    """(du/dt, d(log-density change)/dt) of the u-space probability-flow ODE at a time t (0-d float64)."""
+
+    def __init__(self, eps_model, dynamics, model_kwargs, probes):
+        self.eps_model, self.dynamics, self.model_kwargs, self.probes = eps_model, dynamics, model_kwargs, probes
+
+    def __call__(self, u, t):
+        coef = self.dynamics.coefficients(t)
+        dtype, batch, d = u.dtype, u.shape[0], u[0].numel()
+        mu = coef["mu"].to(dtype)
+        a = (0.5 * coef["delta"] * coef["kappa"]).to(dtype)
+        with torch.enable_grad():
+            u = u.detach().requires_grad_(True)
+            eps = self.eps_model(u, t.to(dtype).expand(batch), **self.model_kwargs)
+            if eps.shape != u.shape:
+                raise ValueError(f"eps_model must return the input's shape {tuple(u.shape)}; got {tuple(eps.shape)}")
+            div = divergence(eps, u, self.probes)
+        drift = mu * u.detach() + a * eps.detach()
+        return drift, d * mu + a * div.detach()

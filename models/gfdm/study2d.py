@@ -27,16 +27,16 @@ import numpy as np
 import torch
 from torch import nn
 
-from .dynamics import make_dynamics
 from .gaussian import GaussianMixtureEpsModel
 from .loss import score_matching_loss
 from .sampling import sample
+from .spec import DynamicsSpec
 
 __all__ = ["StudyConfig", "EpsMLP", "ring_mixture", "sample_data", "mode_frequencies", "sliced_wasserstein", "mmd2",
-           "parse_dynamics", "run_study", "write_outputs", "main"]
+           "run_study", "write_outputs", "main"]
 
-DEFAULT_DYNAMICS = ("vp", "ve", "fvp:0.7:2", "fvp:0.7:3", "fvp:0.9:2", "fvp:0.9:3", "fve:0.9:2", "fve:0.9:3",
-                    "fvp:0.2:3")
+DEFAULT_DYNAMICS = ("vp", "ve", "fvp:H=0.7,K=2", "fvp:H=0.7,K=3", "fvp:H=0.9,K=2", "fvp:H=0.9,K=3",
+                    "fve:H=0.9,K=2", "fve:H=0.9,K=3", "fvp:H=0.2,K=3")
 
 
 # ------------------------------------------------------------------------------------------------- data
@@ -126,16 +126,6 @@ class EpsMLP(nn.Module):
         return self.net(torch.cat([u, torch.sin(tf), torch.cos(tf), torch.log(t) / 5], dim=1))
 
 
-def parse_dynamics(spec: str):
-    """``"vp"``, ``"ve"``, ``"fvp:H:K"``, ``"fve:H:K"`` → dynamics."""
-    parts = spec.split(":")
-    if parts[0] in ("vp", "ve") and len(parts) == 1:
-        return make_dynamics(parts[0])
-    if parts[0] in ("fvp", "fve") and len(parts) == 3:
-        return make_dynamics(parts[0], hurst=float(parts[1]), num_processes=int(parts[2]))
-    raise ValueError(f"dynamics spec must be vp, ve, fvp:H:K or fve:H:K; got {spec!r}")
-
-
 # ------------------------------------------------------------------------------------------------- study
 @dataclass
 class StudyConfig:
@@ -202,7 +192,7 @@ def run_study(cfg: StudyConfig, log=print) -> dict:
     runs = []
     for data_name in cfg.datasets:
         for spec in cfg.dynamics:
-            dyn = parse_dynamics(spec)
+            dyn = DynamicsSpec.parse(spec).build()
             for seed in range(cfg.seeds):
                 t0 = time.time()
                 model = _train(dyn, data_name, cfg, seed)
@@ -338,7 +328,8 @@ def main(argv=None) -> int:
     p.add_argument("--out", type=Path, required=True, help="output directory")
     p.add_argument("--quick", action="store_true", help="a small version: 2 dynamics, 2 seeds, ring8, short runs")
     p.add_argument("--datasets", default="ring8,spiral", help="comma-separated: ring8, spiral")
-    p.add_argument("--dynamics", default=",".join(DEFAULT_DYNAMICS), help="comma-separated vp, ve, fvp:H:K, fve:H:K")
+    p.add_argument("--dynamics", nargs="+", default=list(DEFAULT_DYNAMICS), metavar="SPEC",
+                   help="dynamics specs: vp, ve, fvp:H=<hurst>,K=<processes>, fve:H=…,K=… (models.gfdm.DynamicsSpec)")
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--iters", type=int, default=1500, help="training steps per run")
     p.add_argument("--batch", type=int, default=384)
@@ -351,14 +342,17 @@ def main(argv=None) -> int:
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
     if a.quick:
-        cfg = StudyConfig(datasets=("ring8",), dynamics=("vp", "fvp:0.9:2"), seeds=2, iters=300, hidden=64,
+        cfg = StudyConfig(datasets=("ring8",), dynamics=("vp", "fvp:H=0.9,K=2"), seeds=2, iters=300, hidden=64,
                           steps=50, samples=800, oracle=not a.no_oracle)
     else:
-        cfg = StudyConfig(datasets=tuple(a.datasets.split(",")), dynamics=tuple(a.dynamics.split(",")), seeds=a.seeds,
+        cfg = StudyConfig(datasets=tuple(a.datasets.split(",")), dynamics=tuple(a.dynamics), seeds=a.seeds,
                           iters=a.iters, batch=a.batch, hidden=a.hidden, lr=a.lr, steps=a.steps, samples=a.samples,
                           oracle=not a.no_oracle)
-    for spec in cfg.dynamics:
-        parse_dynamics(spec)                                        # fail early on a bad spec
+    for spec in cfg.dynamics:                                       # fail early on a bad spec
+        try:
+            DynamicsSpec.parse(spec)
+        except ValueError as e:
+            p.error(str(e))
     t0 = time.time()
     result = run_study(cfg)
     result["wall_s"] = time.time() - t0
