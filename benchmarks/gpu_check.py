@@ -42,7 +42,7 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def main(argv=None) -> int:
+def main(argv=None) -> int:   # one straight script (setup, two runs, report): ~80 lines read top to bottom
     args = parse_args(argv)
     from models.gfdm.checkpoint import load_for_sampling
     from models.gfdm.compare import format_table

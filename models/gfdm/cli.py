@@ -2,12 +2,16 @@
 
     gfdm compare                                   # digits, VP vs FVP(H=0.9,K=3), a few CPU minutes
     gfdm train --dataset digits --dynamics fvp --hurst 0.9 --num-processes 3 --steps 2000 --out runs/fvp
+    gfdm train --dynamics fvp:H=0.7,K=2,gamma_max=10 --out runs/fvp-g10      # any FVP/FVE argument (DynamicsSpec)
     gfdm sample --checkpoint runs/fvp/checkpoint.pt --num 64 --steps 500
     gfdm evaluate --checkpoint runs/fvp/checkpoint.pt --num 1000 [--inception pt_inception.pth] [--nll]
     torchrun --nproc-per-node 8 -m models.gfdm.cli train ...   # several GPUs (or CPU processes with gloo)
 
 Every sub-command takes ``--config FILE`` (JSON or TOML) holding the same keys as its flags (dashes or
-underscores); flags given on the command line override the file.
+underscores); flags given on the command line override the file. The flags of ``train`` (and the training
+flags of ``compare``) are generated from the fields of :class:`~models.gfdm.config.TrainConfig`, so a run's
+own ``config.json`` is a valid ``--config``. ``--dataset`` choices come from :data:`models.gfdm.data.DATASETS`,
+``--method`` choices from the sampler registry of :mod:`models.gfdm.sampling`.
 """
 from __future__ import annotations
 
