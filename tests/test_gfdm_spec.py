@@ -40,6 +40,8 @@ def test_every_constructor_argument_is_held_with_its_default():
                                                   "grid_size": 2048}
     assert DynamicsSpec("fvp", {"H": 0.9, "K": 3}) == DynamicsSpec.parse("fvp") == DynamicsSpec("fvp")
     assert len({DynamicsSpec.parse("fvp"), DynamicsSpec.parse("fvp:H=0.9,K=3")}) == 1      # hashable, equal
+    with pytest.raises(TypeError):
+        DynamicsSpec.parse("fvp").kwargs["hurst"] = 0.5                                  # read-only
 
 
 def test_defaults_fill_only_what_the_text_does_not_name():

@@ -19,6 +19,7 @@ import inspect
 import math
 import re
 from dataclasses import dataclass, field
+from types import MappingProxyType
 from typing import Any, Mapping
 
 from .dynamics import FVE, FVP
@@ -122,8 +123,8 @@ def _complete(family, given: Mapping[str, Any], where: str) -> dict[str, Any]:
 class DynamicsSpec:
     """A family (``"vp"``, ``"ve"``, ``"fvp"``, ``"fve"``) and every constructor argument of its class.
 
-    ``kwargs`` may be partial (and use ``H``/``K``) when constructing; it is completed with the defaults
-    and checked, so two specs of the same dynamics compare equal.
+    ``kwargs`` may be partial (and use ``H``/``K``) when constructing; it is completed with the defaults,
+    checked and made read-only, so two specs of the same dynamics compare equal.
     """
 
     family: str
@@ -132,7 +133,8 @@ class DynamicsSpec:
     def __post_init__(self):
         family = str(self.family).strip().lower()
         object.__setattr__(self, "family", family)
-        object.__setattr__(self, "kwargs", _complete(family, dict(self.kwargs), f"dynamics {family!r}"))
+        kwargs = _complete(family, dict(self.kwargs), f"dynamics {family!r}")
+        object.__setattr__(self, "kwargs", MappingProxyType(kwargs))
 
     def __hash__(self):
         return hash(self.text)
