@@ -1,4 +1,4 @@
-"""Warning classes of fracsde.
+"""Warning classes of fracsde, and where a warning should point.
 
 Every warning the library raises derives from :class:`FracsdeWarning`, so a test run can
 turn exactly these into errors (see ``filterwarnings`` in pyproject.toml).
@@ -11,3 +11,21 @@ class FracsdeWarning(UserWarning):
 
 class IllConditionedWarning(FracsdeWarning):
     """A linear solve was ill-conditioned; the result may be inaccurate."""
+
+
+class PriorMismatchWarning(FracsdeWarning):
+    """A diffusion's terminal log-SNR is so high that its data-independent prior N(0, Σ_T) is visibly wrong."""
+
+
+def user_stacklevel() -> int:
+    """The ``stacklevel`` that makes a warning point at the first caller outside fracsde and models/ (the user)."""
+    import inspect
+    import os
+    roots = tuple(os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep + d + os.sep
+                  for d in ("fracsde", "models"))
+    level = 1
+    frame = inspect.currentframe().f_back           # the function that is about to warn
+    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(roots):
+        frame = frame.f_back
+        level += 1
+    return level

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import abc
 import math
+import warnings
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Optional
@@ -46,6 +47,7 @@ from scipy.interpolate import CubicSpline
 from torch import nn
 
 from . import _validation as V
+from ._warnings import PriorMismatchWarning, user_stacklevel
 from .kinds import get_kind
 from .noise import MarkovNoise
 from .numerics import augmented_system, check_shape, log_linear_grid, log_linear_grid_times
@@ -56,6 +58,8 @@ __all__ = ["Schedule", "VPSchedule", "VESchedule", "LinearFractionalDynamics", "
 _EPS = float(np.finfo(np.float64).eps)
 # The QR determines σ̃ to about _EPS·‖R‖; below this relative accuracy the power-law continuation takes over.
 _CONTINUATION_TOL = 1e-7
+#: PriorMismatchWarning above this terminal log-SNR λ(T) (the prior then ignores a signal of e^{λ(T)/2} ≳ 8 %)
+PRIOR_MISMATCH_LOG_SNR = -5.0
 
 
 # ---------------------------------------------------------------------------------------------- schedules
@@ -627,6 +631,7 @@ class LinearFractionalDynamics(nn.Module):
         self.eta_continuation_time = info["eta_continuation_time"]
         self.continuation_exponent = info["continuation_exponent"]
         self.spline = _Spline(v, values)
+        self._log_snr_setup(ts)
 
     def _apply(self, fn, recurse=True):
         """Device moves apply; dtype casts (``.half()``, ``.to(torch.float32)``) do not — the tables stay float64."""
@@ -662,6 +667,65 @@ class LinearFractionalDynamics(nn.Module):
         if self.num_processes == 0 and self.schedule.has_closed_variance:
             return torch.sqrt(self.schedule.brownian_variance(t64)).to(t.dtype)
         return torch.exp(0.5 * self.spline(self._v(t64), "log_sigma2")[..., 0]).to(t.dtype)
+
+    # ------------------------------------------------------------------ the log-SNR view
+    def _log_sigma2(self, t64: torch.Tensor) -> torch.Tensor:
+        """log σ̃²(t), float64, from the stable tables (never the log of a rounded σ̃)."""
+        if self.num_processes == 0 and self.schedule.has_closed_variance:
+            return torch.log(self.schedule.brownian_variance(t64))
+        return self.spline(self._v(t64), "log_sigma2")[..., 0]
+
+    def _log_snr64(self, t64: torch.Tensor) -> torch.Tensor:
+        return 2.0 * self.schedule.log_c(t64) - self._log_sigma2(t64)
+
+    def _log_snr_setup(self, knots: np.ndarray) -> None:
+        """λ at T and at the smallest knot, whether λ decreases, and the prior-mismatch warning (at build time)."""
+        t = torch.from_numpy(np.asarray(knots, dtype=np.float64))
+        lam = self._log_snr64(t)
+        self.log_snr_min_time = float(t[0])
+        #: (λ(T), λ(smallest tabulated t)): the log-SNR range the model covers; λ(T) < λ(t_min)
+        self.log_snr_range = (float(lam[-1]), float(lam[0]))
+        self.log_snr_decreasing = bool((lam[1:] < lam[:-1]).all())
+        terminal = self.log_snr_range[0]
+        if terminal > PRIOR_MISMATCH_LOG_SNR:
+            warnings.warn(
+                f"terminal log-SNR λ(T) = 2 log(c(T)/σ̃(T)) = {terminal:.2f} > {PRIOR_MISMATCH_LOG_SNR:g}: the data-"
+                f"independent prior N(0, Σ_T) ignores a signal of relative size e^(λ(T)/2) = "
+                f"{math.exp(terminal / 2):.3g} of the data scale, so samples start from the wrong law. Use fewer "
+                f"OU processes, a larger beta_max / sigma_max, or a longer horizon.", PriorMismatchWarning,
+                stacklevel=user_stacklevel())
+
+    def log_snr(self, t) -> torch.Tensor:
+        """λ(t) = 2 log(c(t)/σ̃(t)), the log signal-to-noise ratio of u = c x_0 + σ̃ ε, float64.
+
+        Computed as 2 ∫_0^t μ − log σ̃² from the stable tables, so it stays accurate where σ̃ is far below float
+        resolution (λ reaches ~35 for FVP(0.9, 3) at t = 1e−3). ``t`` in (0, T].
+        """
+        t = self.check_times(t).to(self.gammas.device)
+        return self._log_snr64(t.to(torch.float64))
+
+    def time_at_log_snr(self, lam) -> torch.Tensor:
+        """The inverse of :meth:`log_snr`: t with λ(t) = ``lam`` (float64, any shape), on the buffers' device.
+
+        ``lam`` must lie in :attr:`log_snr_range` = (λ(T), λ(t_min)); solved by 64 vectorised bisection steps in
+        log t (λ is strictly decreasing for every FVP/FVE; a schedule whose λ is not is refused).
+        """
+        if not self.log_snr_decreasing:
+            raise ValueError("time_at_log_snr needs a log-SNR that decreases in t; this schedule's does not")
+        lam = torch.as_tensor(lam, dtype=torch.float64, device=self.gammas.device)
+        lo_lam, hi_lam = self.log_snr_range
+        bad = ~((lam >= lo_lam) & (lam <= hi_lam))           # NaN is bad too
+        if bool(bad.any()):
+            raise ValueError(f"lam must lie in the model's log-SNR range [λ(T), λ(t_min)] = [{lo_lam:.4g}, "
+                             f"{hi_lam:.4g}] (t_min = {self.log_snr_min_time:.3g}); got values in "
+                             f"[{float(lam.min()):.4g}, {float(lam.max()):.4g}]")
+        lo = torch.full_like(lam, math.log(self.log_snr_min_time))    # λ(lo) ≥ lam
+        hi = torch.full_like(lam, math.log(self.horizon))             # λ(hi) ≤ lam
+        for _ in range(64):
+            mid = 0.5 * (lo + hi)
+            above = self._log_snr64(torch.exp(mid)) > lam
+            lo, hi = torch.where(above, mid, lo), torch.where(above, hi, mid)
+        return torch.clamp(torch.exp(0.5 * (lo + hi)), max=self.horizon)
 
     def coefficients(self, t: torch.Tensor) -> dict:
         """The reverse-time coefficients at t (float64): mu, g, c, sigma, delta, kappa, eta_newton, zeta_newton."""

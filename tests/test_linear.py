@@ -12,6 +12,9 @@ from fracsde.markov import MarkovApproxFBM
 from fracsde.noise import MarkovNoise
 from stats_helpers import assert_covariance_matches, bonferroni_z
 
+# these tests check the numerics of dynamics that include deliberately high terminal log-SNRs
+pytestmark = pytest.mark.filterwarnings("ignore::fracsde.PriorMismatchWarning")
+
 
 
 

@@ -15,6 +15,9 @@ from fracsde.linear import Schedule, VPSchedule
 from fracsde.numerics import is_uniform_grid
 from problems import AdditiveOU
 
+# these tests check the numerics of dynamics that include deliberately high terminal log-SNRs
+pytestmark = pytest.mark.filterwarnings("ignore::fracsde.PriorMismatchWarning")
+
 
 def test_markov_approx_fbm_is_a_markov_noise_with_the_same_law():
     """A MarkovNoise with the MA-fBM's rates and weights is the same process: same covariance, same paths."""
