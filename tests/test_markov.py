@@ -128,13 +128,14 @@ def test_ma_covariance_symmetric_psd(hurst, k, kind, times):
     assert float(evals.min()) >= -1e-10 * max(1.0, float(evals.max()))
 
 
+@pytest.mark.parametrize("method", ["innovations", "state"])
 @pytest.mark.parametrize("kind", ["type1", "type2"])
 @pytest.mark.parametrize("grid", ["uniform", "irregular_offset"])
-def test_sampler_matches_closed_form_covariance(kind, grid):
+def test_sampler_matches_closed_form_covariance(kind, grid, method):
     gen = torch.Generator().manual_seed(1)
     noise = MarkovApproxFBM(0.7, 3, kind=kind)
     ts = torch.linspace(0, 1, 9) if grid == "uniform" else torch.tensor([0.05, 0.1, 0.4, 0.45, 1.0, 2.5])
-    x = noise.sample(ts, 40_000, generator=gen, dtype=torch.float64)
+    x = noise.sample(ts, 40_000, generator=gen, dtype=torch.float64, method=method)
     assert x.shape == (40_000, len(ts))
     assert_covariance_matches(x, noise.covariance(ts[:, None].double(), ts[None, :].double()))
 
