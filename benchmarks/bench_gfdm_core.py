@@ -27,7 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from models.gfdm import FVP, make_dynamics, score_matching_loss  # noqa: E402
+from models.gfdm import FVP, DynamicsSpec, score_matching_loss  # noqa: E402
 
 
 class SmallConvNet(nn.Module):
@@ -53,7 +53,7 @@ class SmallConvNet(nn.Module):
 
 
 def bench_training(batch: int, size: int, repeats: int, device: str) -> dict:
-    dyns = {"VP": make_dynamics("vp").to(device), "FVP(H=0.9,K=3)": FVP(hurst=0.9, num_processes=3).to(device)}
+    dyns = {"VP": DynamicsSpec.parse("vp").build().to(device), "FVP(H=0.9,K=3)": FVP(hurst=0.9, num_processes=3).to(device)}
     torch.manual_seed(0)
     net = SmallConvNet().to(device)
     opt = torch.optim.Adam(net.parameters(), lr=1e-4)

@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fracsde.reverse import ReverseTimeSDE, eps_to_score
-from models.gfdm import (FVE, FVP, GaussianEpsModel, gaussian_loss_minimum, make_dynamics, nll_bits_per_dim, sample,
+from models.gfdm import (FVE, FVP, DynamicsSpec, GaussianEpsModel, gaussian_loss_minimum, nll_bits_per_dim, sample,
                          score_matching_loss)
 from stats_helpers import bonferroni_z
 
@@ -30,13 +30,13 @@ def _assert_matches(x, mean, std, z, label):
 
 
 # ------------------------------------------------------------------------------------------------- dynamics
-def test_make_dynamics_names_and_brownian_limit():
-    vp, ve = make_dynamics("vp", hurst=0.3, num_processes=4), make_dynamics("VE")
+def test_dynamics_spec_names_and_brownian_limit():
+    vp, ve = DynamicsSpec.parse("vp").build(), DynamicsSpec.parse("VE").build()
     assert vp.num_processes == 0 and ve.num_processes == 0 and vp.name == "VP" and ve.name == "VE"
-    assert isinstance(make_dynamics("fvp", hurst=0.7, num_processes=2), FVP)
-    assert make_dynamics("fve", hurst=0.7, num_processes=2).name == "FVE(H=0.7,K=2)"
-    with pytest.raises(ValueError, match="name must be one of"):
-        make_dynamics("vpsde")
+    assert isinstance(DynamicsSpec.parse("fvp:H=0.7,K=2").build(), FVP)
+    assert DynamicsSpec.parse("fve:H=0.7,K=2").build().name == "FVE(H=0.7,K=2)"
+    with pytest.raises(ValueError, match="family 'vpsde' is not one of"):
+        DynamicsSpec.parse("vpsde")
     t = torch.tensor([1e-3, 0.5, 1.0], dtype=torch.float64)
     c = torch.exp(-0.5 * (0.1 * t + 9.95 * t ** 2))
     m = FVP(num_processes=0).marginal(t)
@@ -67,7 +67,7 @@ def test_contract_shapes_and_prior():
     x2, y2 = dyn.prior_sample((7, 3, 4), generator=g2)
     assert x.shape == (7, 3, 4) and y.shape == (7, 3, 4, 2) and x.dtype == torch.float32
     assert torch.equal(x, x2) and torch.equal(y, y2)
-    x, y = make_dynamics("vp").prior_sample((4, 2), dtype=torch.float64)
+    x, y = DynamicsSpec.parse("vp").build().prior_sample((4, 2), dtype=torch.float64)
     assert y.shape == (4, 2, 0) and x.dtype == torch.float64
     with pytest.raises(ValueError, match="shape must be"):
         dyn.prior_sample((0, 3))
@@ -85,7 +85,7 @@ def test_prior_is_the_terminal_law_in_distribution():
 
 
 # ------------------------------------------------------------------------------------------------- loss
-@pytest.mark.parametrize("dyn", [make_dynamics("vp"), FVP(hurst=0.9, num_processes=3), FVE(hurst=0.7, num_processes=2)],
+@pytest.mark.parametrize("dyn", [DynamicsSpec.parse("vp").build(), FVP(hurst=0.9, num_processes=3), FVE(hurst=0.7, num_processes=2)],
                          ids=["vp", "fvp", "fve"])
 def test_loss_of_exact_model_is_the_analytic_minimum(dyn):
     """E‖ε* − ε‖² = ⟨c²s²/(c²s² + σ̃²)⟩_t for N(m, s²) data; the per-sample losses are i.i.d., so the batch
@@ -139,7 +139,7 @@ def test_reverse_sde_and_ode_recover_gaussian_data(family, hurst, K):
     """From the exact terminal law, the reverse SDE and the probability-flow ODE with the exact ε-model give
     x at t_end with the law N(c m, c²s² + Σ_XX(t_end)) (= N(m, s²) up to 1e-4), to within Bonferroni-
     corrected standard errors (4 checks). 1000 steps keep the Euler bias below ~0.5 standard error."""
-    dyn = make_dynamics(family, hurst=hurst, num_processes=K)
+    dyn = DynamicsSpec.parse(f"{family}:H={hurst},K={K}").build()
     mean, std, n = 1.0, 0.5, 3000
     exact = GaussianEpsModel(dyn, mean, std)
     gen = torch.Generator().manual_seed(zlib.crc32(f"{family}{hurst}{K}".encode()))   # str hash() is salted
@@ -241,7 +241,7 @@ def test_sampler_is_streaming_deterministic_and_reports_progress(monkeypatch, ca
 
 
 # ------------------------------------------------------------------------------------------------- likelihood
-@pytest.mark.parametrize("dyn", [make_dynamics("vp"), FVP(hurst=0.9, num_processes=2)], ids=["vp", "fvp"])
+@pytest.mark.parametrize("dyn", [DynamicsSpec.parse("vp").build(), FVP(hurst=0.9, num_processes=2)], ids=["vp", "fvp"])
 def test_nll_of_exact_gaussian_model(dyn):
     """For N(m, s²) data the u-space probability-flow ODE is affine, u_T − c_T m = (u_ε − c_ε m) std_T/std_ε, so
     log p(x_0) = log N(u_T; 0, σ̃_T²) + d log(std_T/std_ε) + d log c_ε in closed form. The divergence of ε* is

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from models.gfdm import GaussianMixtureEpsModel, make_dynamics, sample
+from models.gfdm import DynamicsSpec, GaussianMixtureEpsModel, sample
 from models.gfdm import study2d as S
 from stats_helpers import bonferroni_z
 
@@ -48,7 +48,7 @@ def test_sliced_wasserstein_and_mmd():
 
 def test_mixture_oracle_samples_the_mixture():
     """With the exact mixture ε-model the reverse SDE reproduces the mode frequencies (200 steps)."""
-    dyn = make_dynamics("fvp", hurst=0.9, num_processes=2)
+    dyn = DynamicsSpec.parse("fvp:H=0.9,K=2").build()
     means, stds, w = S.ring_mixture()
     oracle = GaussianMixtureEpsModel(dyn, means, stds, w)
     n = 3000

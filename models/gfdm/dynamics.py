@@ -17,9 +17,7 @@ from fracsde.linear import LinearFractionalDynamics, Schedule, VESchedule, VPSch
 from fracsde.markov import MarkovApproxFBM
 from fracsde.noise import MarkovNoise
 
-__all__ = ["FVP", "FVE", "make_dynamics", "DYNAMICS_NAMES"]
-
-DYNAMICS_NAMES = ("vp", "ve", "fvp", "fve")
+__all__ = ["FVP", "FVE"]
 
 
 class _Fractional(LinearFractionalDynamics):
@@ -103,13 +101,3 @@ class FVE(_Fractional):
                  grid_size: int = 2048):
         super().__init__(VESchedule(sigma_min, sigma_max, T), hurst, num_processes, gamma_max, normalize_weights,
                          grid_size)
-
-
-def make_dynamics(name: str, hurst: float = 0.9, num_processes: int = 3, **kwargs) -> _Fractional:
-    """Build dynamics by name: ``"vp"``, ``"ve"`` (K forced to 0), ``"fvp"``, ``"fve"``; kwargs go to the class."""
-    key = str(name).lower()
-    V.check_choice(key, "name", DYNAMICS_NAMES)
-    cls = FVP if key in ("vp", "fvp") else FVE
-    if key in ("vp", "ve"):
-        num_processes = 0
-    return cls(hurst=hurst, num_processes=num_processes, **kwargs)
