@@ -339,13 +339,6 @@ class FractionalBrownianPath(TorchDistribution):
 
 
 # ---------------------------------------------------------------------------------------- fractional OU
-def _ma_weights(hurst: torch.Tensor, gammas: torch.Tensor, kind: str, horizon: float) -> torch.Tensor:
-    """(*hurst.shape, K) L2-optimal MA-fBM weights, differentiable in ``hurst`` (float64)."""
-    flat = hurst.reshape(-1)
-    rows = [optimal_weights(h, gammas, kind, horizon).weights for h in flat.unbind(0)]
-    return torch.stack(rows, 0).reshape(hurst.shape + gammas.shape)
-
-
 def _associative_scan(combine, elems):
     """Inclusive scan of a tuple of tensors along dim 0 with an associative ``combine(earlier, later)``.
 
@@ -516,7 +509,7 @@ class FractionalOU(TorchDistribution):
         """(*batch, K) MA-fBM weights ω(H), differentiable in H (or the given noise's weights)."""
         if self.noise is not None:
             return self.noise.weights.to(self.gammas.device).expand(self.batch_shape + self.gammas.shape)
-        return _ma_weights(self.hurst, self.gammas, self.kind, self.horizon)
+        return optimal_weights(self.hurst, self.gammas, self.kind, self.horizon).weights   # all H in one solve
 
     @lazy_property
     def augmented_system(self):

@@ -69,7 +69,7 @@ def _laguerre(n: int):
 
 
 def scaled_upper_gamma(a: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """e^x Q(a, x) = (1/Γ(a)) ∫_0^∞ (x + v)^{a−1} e^{−v} dv, differentiable in a.
+    """e^x Q(a, x) = (1/Γ(a)) ∫_0^∞ (x + v)^{a−1} e^{−v} dv, differentiable in a; a and x broadcast.
 
     e^x(1 − P) cancels catastrophically once P ≈ 1, so for x > 4 the Laguerre integral
     (smooth integrand there) is used instead. Both branches agree to ~1e−13 (tested).
@@ -110,7 +110,11 @@ class FBMKind:
         raise NotImplementedError
 
     def moments(self, hurst: torch.Tensor, gammas: torch.Tensor, horizon: float):
-        """(b, c): b_k = ∫_0^T E[B_t Ŷ_k(t)] dt and c = ∫_0^T E[B_t²] dt."""
+        """(b, c): b_k = ∫_0^T E[B_t Ŷ_k(t)] dt and c = ∫_0^T E[B_t²] dt.
+
+        ``hurst`` of shape (*B,) (0-d for one H) gives b of shape (*B, K) and c of shape (*B,), differentiable
+        in H; the Gram matrix does not depend on H, so one :meth:`gram` serves the whole batch.
+        """
         raise NotImplementedError
 
     # ---------------------------------------------------------------- the Markov state
@@ -164,12 +168,13 @@ class TypeI(FBMKind):
         and ∫_0^X e^x Q(a, x) dx = e^X Q(a, X) − 1 + X^a / Γ(a + 1). The unnormalised process has
         Var B_1 = 1 / (Γ(2H + 1) sin πH); b is rescaled to the standard one.
         """
-        a = hurst + 0.5
+        h = hurst.unsqueeze(-1)                                 # (*B, 1) against the rates (K,)
+        a = h + 0.5
         x = gammas * horizon
         m = -torch.expm1(-x) / gammas
         integral_q = (scaled_upper_gamma(a, x) - 1 + torch.exp(a * torch.log(x) - torch.lgamma(a + 1))) / gammas
         b_mvn = gammas ** (-a) * (2 * horizon - m - integral_q)
-        norm = torch.sqrt(torch.exp(torch.lgamma(2 * hurst + 1)) * torch.sin(math.pi * hurst))
+        norm = torch.sqrt(torch.exp(torch.lgamma(2 * h + 1)) * torch.sin(math.pi * h))
         c = horizon ** (2 * hurst + 1) / (2 * hurst + 1)
         return b_mvn * norm, c
 
@@ -199,10 +204,10 @@ class TypeII(FBMKind):
         return (horizon + torch.expm1(-s * horizon) / s) / s
 
     def moments(self, hurst, gammas, horizon):
-        a = hurst + 0.5
+        a = hurst.unsqueeze(-1) + 0.5                           # (*B, 1) against the rates (K,)
         x = gammas * horizon
         b = gammas ** (-a) * (horizon * gammainc(a, x) - a / gammas * gammainc(a + 1, x))
-        c = horizon ** (2 * hurst + 1) / (2 * hurst * (2 * hurst + 1) * torch.exp(2 * torch.lgamma(a)))
+        c = horizon ** (2 * hurst + 1) / (2 * hurst * (2 * hurst + 1) * torch.exp(2 * torch.lgamma(hurst + 0.5)))
         return b, c
 
     def initial_covariance(self, gammas):

@@ -43,22 +43,32 @@ def geometric_gammas(num_processes: int, gamma_max: float = 20.0, dtype=torch.fl
 
 
 class WeightSolution(NamedTuple):
-    weights: torch.Tensor          # (K,) float64
-    relative_error: torch.Tensor   # 0-d: relative L2 error 1 − bᵀω / c
-    condition_number: float        # cond(A), 2-norm
+    """The L2-optimal weights for one Hurst index (0-d ``hurst``) or a batch of them (``hurst`` of shape (*B,))."""
+
+    weights: torch.Tensor          # (*B, K) float64 ((K,) for one H)
+    relative_error: torch.Tensor   # (*B,): relative L2 error 1 − bᵀω / c (0-d for one H)
+    condition_number: float        # cond(A), 2-norm; A does not depend on H, so one number serves the batch
 
 
 def _solve_weights(h: torch.Tensor, g: torch.Tensor, kind: str, horizon: float):
-    """Unchecked float64 solve (no host syncs): returns (ω, relative error, A)."""
+    """Unchecked float64 solve (no host syncs) for H of shape (*B,): returns (ω (*B, K), relative error (*B,), A).
+
+    A depends on the rates only, so all H share it: one solve with the (K, prod B) right-hand sides.
+    """
     rules = get_kind(kind)
     A = rules.gram(g, horizon)
     b, c = rules.moments(h, g, horizon)
-    w = torch.linalg.solve(A, b)
-    return w, 1 - (b @ w) / c, A
+    K = g.numel()
+    w = torch.linalg.solve(A, b.reshape(-1, K).T).T.reshape(b.shape)
+    return w, 1 - (b * w).sum(-1) / c, A
 
 
 def optimal_weights(hurst, gammas, kind: str = "type2", horizon: float = 1.0) -> WeightSolution:
-    """L2-optimal MA-fBM weights on [0, horizon], solved in float64 (differentiable in ``hurst``)."""
+    """L2-optimal MA-fBM weights on [0, horizon], solved in float64 (differentiable in ``hurst``).
+
+    ``hurst`` is a number, a 0-d tensor, or a tensor of any shape (*B,): all are solved at once (one
+    batched right-hand side against the shared Gram matrix), giving weights (*B, K) and errors (*B,).
+    """
     V.check_kind(kind)
     horizon = V.check_positive_float(horizon, "horizon")
     V.check_hurst(hurst)
@@ -67,7 +77,6 @@ def optimal_weights(hurst, gammas, kind: str = "type2", horizon: float = 1.0) ->
     h = torch.as_tensor(hurst, dtype=torch.float64, device=g.device)
     w, rel, A = _solve_weights(h, g, kind, horizon)
     return WeightSolution(w, rel, float(torch.linalg.cond(A.detach())))
-
 
 
 class MarkovApproxFBM(MarkovNoise):
@@ -92,6 +101,10 @@ class MarkovApproxFBM(MarkovNoise):
 
     def __init__(self, hurst: float, num_processes: int = 3, gamma_max: float = 20.0,
                  gammas=None, kind: str = "type2", horizon: float = 1.0, learnable_hurst: bool = False):
+        if isinstance(hurst, torch.Tensor) and hurst.numel() != 1:
+            raise ValueError(f"hurst must be a single Hurst index (a noise drives one process); got a tensor of shape "
+                             f"{tuple(hurst.shape)}. For many H use fracsde.optimal_weights(hurst_tensor, gammas) or "
+                             f"fracsde.distributions.FractionalOU(hurst_tensor, ...)")
         V.check_hurst(hurst)
         V.check_kind(kind)
         horizon = V.check_positive_float(horizon, "horizon")

@@ -319,3 +319,24 @@ def test_path_toeplitz_route_equals_dense_route():
         assert_close(a, b, rtol=1e-8, atol=1e-8)
     assert FractionalBrownianPath(t64(0.3), ts + 0.1)._toeplitz_step is None
     assert FractionalBrownianPath(t64(0.3), ts, kind="type2")._toeplitz_step is None
+
+
+@pytest.mark.parametrize("kind", ["type1", "type2"])
+def test_ou_batch_of_hurst_equals_one_distribution_per_hurst(kind):
+    """A batch of H (one weight solve for all) gives each series the log_prob and H-gradient of its own
+    distribution; the weights are the batched optimal_weights (no per-H loop)."""
+    ts = torch.linspace(0, 1, 31, dtype=F64)[1:]
+    hurst = t64([0.15, 0.4, 0.6, 0.9]).requires_grad_()
+    d = FractionalOU(hurst, 1.5, 0.7, ts, 0.1, kind=kind)
+    assert_close(d.weights, optimal_weights(hurst, d.gammas, kind, d.horizon).weights, rtol=0, atol=0)
+    torch.manual_seed(3)
+    y = d.sample().detach()
+    lp = d.log_prob(y)
+    assert lp.shape == (4,)
+    lp.sum().backward()
+    for i in range(4):
+        hi = hurst.detach()[i].clone().requires_grad_()
+        lpi = FractionalOU(hi, 1.5, 0.7, ts, 0.1, kind=kind).log_prob(y[i])
+        lpi.backward()
+        assert_close(lp[i].detach(), lpi.detach(), rtol=1e-10, atol=1e-10)
+        assert_close(hurst.grad[i], hi.grad, rtol=1e-8, atol=1e-10)

@@ -273,3 +273,44 @@ def test_sample_rejects_bad_input():
         noise.sample(torch.tensor([0.0, 0.5]), 0)
     with pytest.raises(TypeError, match="batch_size"):
         noise.sample(torch.tensor([0.0, 0.5]), 2.5)
+
+
+@pytest.mark.parametrize("kind", ["type1", "type2"])
+@pytest.mark.parametrize("K", [1, 3, 5])
+def test_batched_hurst_solve_equals_one_at_a_time(kind, K):
+    """A (2, 3) tensor of H is solved at once; each entry equals the scalar solve (same float64 formulas; only the
+    LAPACK solve sees several right-hand sides, so they agree to round-off times cond(A) <= 8e6 at K = 5)."""
+    g = geometric_gammas(K, 20.0)
+    hurst = torch.tensor([[0.05, 0.3, 0.5], [0.62, 0.8, 0.97]], dtype=torch.float64)
+    sol = optimal_weights(hurst, g, kind)
+    assert sol.weights.shape == (2, 3, K) and sol.relative_error.shape == (2, 3)
+    for idx in np.ndindex(2, 3):
+        one = optimal_weights(float(hurst[idx]), g, kind)
+        assert one.weights.shape == (K,) and one.relative_error.shape == ()
+        torch.testing.assert_close(sol.weights[idx], one.weights, rtol=1e-9, atol=1e-12)
+        torch.testing.assert_close(sol.relative_error[idx], one.relative_error, rtol=1e-9, atol=1e-12)
+        assert sol.condition_number == one.condition_number
+
+
+@pytest.mark.parametrize("kind", ["type1", "type2"])
+def test_batched_hurst_gradients(kind):
+    """Gradients in a batch of H: gradcheck, and each equals the gradient of its own scalar solve."""
+    g = geometric_gammas(3, 20.0)
+    h = torch.tensor([0.21, 0.5, 0.83], dtype=torch.float64, requires_grad=True)
+
+    def weights_and_error(hh):
+        sol = optimal_weights(hh, g, kind)
+        return sol.weights, sol.relative_error
+
+    assert torch.autograd.gradcheck(weights_and_error, (h,), eps=1e-6, atol=1e-7, rtol=1e-5)
+    v = torch.tensor([1.0, -2.0, 0.5], dtype=torch.float64)
+    (optimal_weights(h, g, kind).weights @ v).sum().backward()
+    for i in range(3):
+        hi = h.detach()[i].clone().requires_grad_()
+        (optimal_weights(hi, g, kind).weights @ v).backward()
+        assert float(h.grad[i]) == pytest.approx(float(hi.grad), rel=1e-9, abs=1e-12)
+
+
+def test_markov_approx_fbm_rejects_a_batch_of_hurst():
+    with pytest.raises(ValueError, match="single Hurst index"):
+        MarkovApproxFBM(torch.tensor([0.3, 0.7]), 3)
