@@ -456,14 +456,48 @@ _TABLE_CACHE: "dict[tuple, tuple]" = {}
 _TABLE_CACHE_SIZE = 32
 
 
-def _build_tables(schedule: Schedule, gammas: np.ndarray, weights: np.ndarray, ts: np.ndarray) -> tuple[dict, dict]:
+def _jittered_conditionals(schedule: Schedule, gammas: np.ndarray, weights: np.ndarray, ts: np.ndarray,
+                           cov: np.ndarray, jitter: float, x_offset: float, Ninv: np.ndarray) -> dict:
+    """The tables of the official GFDM code's conditional: Σ_YY + jitter·diag(e^{−2γt}), Σ_XX + x_offset.
+
+    η = (Σ_YY + J)⁻¹Σ_YX, σ̃² = Σ_XX + x_offset − Σ_XYη, ζ = (Σ_YY + J)⁻¹1 by plain Schur complements in
+    float64 (the jitter bounds the conditioning that makes them fail in the exact model), and κ = δ/σ̃ with
+    δ² = (σ̃²)′ − 2μσ̃², so that the reverse SDE of u has the marginals N(c x_0, σ̃²) the network is trained on.
+    """
+    K = gammas.size
+    t = ts[:, None]
+    syy = cov[:, 1:, 1:] + np.eye(K)[None] * (jitter * np.exp(-2.0 * gammas[None, :] * t))[:, :, None]
+    syx, sxx = cov[:, 1:, 0], cov[:, 0, 0] + x_offset
+    eta = np.linalg.solve(syy, syx[..., None])[..., 0]
+    sigma2 = sxx - (syx * eta).sum(-1)
+    if not (sigma2 > 0).all():
+        raise ValueError(f"covariance_jitter={jitter:g}: the jittered conditional variance is not positive")
+    zeta = np.linalg.solve(syy, np.ones((ts.size, K, 1)))[..., 0]
+    # u = c x_0 + σ̃ ε is then a Gaussian diffusion with the schedule (c, σ̃); its reverse SDE needs
+    # δ² = (σ̃²)′ − 2μσ̃² ≥ 0 (not G_x − 1ᵀη, which matches it only for the exact covariance):
+    # κ√t = δ√t/σ̃ = √(d log σ̃²/d log t − 2μt)
+    log_s2 = np.log(sigma2)
+    log_t = np.log(ts)
+    slope = CubicSpline(log_t, log_s2, bc_type="not-a-knot")(log_t, 1)
+    growth = slope - 2.0 * schedule.mu(torch.from_numpy(ts)).numpy() * ts
+    if not (growth >= 0).all():
+        worst = int(np.argmin(growth))
+        raise ValueError(f"covariance_jitter={jitter:g}: the jittered σ̃² is not a valid noise schedule "
+                         f"((σ̃²)′ − 2μσ̃² < 0 at t = {ts[worst]:.3g}); use a smaller jitter")
+    return {"log_sigma2": log_s2, "kappa_hat": np.sqrt(growth), "eta_newton": eta @ Ninv,
+            "zeta": (zeta @ Ninv) * t ** np.arange(1, K + 1)[None, :]}
+
+
+def _build_tables(schedule: Schedule, gammas: np.ndarray, weights: np.ndarray, ts: np.ndarray,
+                  jitter: float = 0.0, x_offset: float = 0.0) -> tuple[dict, dict]:
     """Values on the knots ``ts`` of every tabulated quantity, and facts about the continuation.
 
-    Cached on (the schedule's values, γ, ω, knots): building costs ~1 s for K = 5, and tests and sweeps
-    rebuild the same dynamics many times.
+    Cached on (the schedule's values, γ, ω, knots, jitter, offset): building costs ~1 s for K = 5, and tests and
+    sweeps rebuild the same dynamics many times.
     """
     schedule_key = schedule.cache_key()
-    key = None if schedule_key is None else (schedule_key, gammas.tobytes(), weights.tobytes(), ts.tobytes())
+    key = None if schedule_key is None else (schedule_key, gammas.tobytes(), weights.tobytes(), ts.tobytes(),
+                                             float(jitter), float(x_offset))
     if key is not None and key in _TABLE_CACHE:
         return _TABLE_CACHE[key]
     sch = schedule
@@ -514,6 +548,12 @@ def _build_tables(schedule: Schedule, gammas: np.ndarray, weights: np.ndarray, t
         tables.update(log_sigma2=log_s2, kappa_hat=kappa_hat, eta_newton=eta_newton, zeta=cond["zeta"],
                       chol=cond["chol"][:, tril[0], tril[1]])
         info["relative_error"] = cond["err"]
+        if jitter > 0:       # the paper-compatible conditional replaces the exact one
+            tables.update(_jittered_conditionals(sch, gammas, weights, ts, cov, jitter, x_offset, Ninv.numpy()))
+            info.update(continuation_time=0.0, eta_continuation_time=0.0)
+        elif x_offset > 0:   # exact conditional plus a constant variance: η, ζ, δ unchanged, σ̃² + offset, κ = δ/σ̃
+            log_s2_new = np.logaddexp(log_s2, math.log(x_offset))
+            tables.update(log_sigma2=log_s2_new, kappa_hat=kappa_hat * np.exp(0.5 * (log_s2 - log_s2_new)))
     if key is not None:
         if len(_TABLE_CACHE) >= _TABLE_CACHE_SIZE:
             _TABLE_CACHE.pop(next(iter(_TABLE_CACHE)))
@@ -587,12 +627,16 @@ class LinearFractionalDynamics(nn.Module):
             its rates must be distinct. ``None`` means B̂ = W exactly (K = 0).
         grid_size: knots of the float64 splines (uniform in v = log(t/T) + t/τ, τ = min(T/20, 1/γ_max)).
         t_min: smallest knot as a fraction of T; below it values continue as power laws.
+        covariance_jitter: > 0 replaces the exact conditional law of X given Y by that of Σ_YY + jitter·diag(e^{−2γt})
+            (the official GFDM code's, 1e−4 there): η, σ̃, δ, κ, ζ all come from the jittered covariance, in
+            training and sampling alike, so a model reproduces the law its published numbers came from. 0: exact.
+        x_variance_offset: added to Σ_XX (the official FVE's σ_min²; only for schedules with μ ≡ 0).
 
     All tables are buffers: ``.to(device)`` moves them, and every method evaluates on the device of ``t``.
     """
 
     def __init__(self, schedule: Schedule, noise: Optional[MarkovNoise] = None, grid_size: int = 2048,
-                 t_min: float = 1e-7):
+                 t_min: float = 1e-7, covariance_jitter: float = 0.0, x_variance_offset: float = 0.0):
         super().__init__()
         if not isinstance(schedule, Schedule):
             raise TypeError(f"schedule must be a fracsde.linear.Schedule, got {type(schedule).__name__}")
@@ -608,6 +652,12 @@ class LinearFractionalDynamics(nn.Module):
             raise ValueError(f"t_min must be < 0.01 (a fraction of the horizon); got {t_min}")
         self.schedule = schedule
         self.grid_size, self.t_min = grid_size, t_min
+        self.covariance_jitter = V.check_positive_float(covariance_jitter, "covariance_jitter", 0.0, inclusive=True)
+        self.x_variance_offset = V.check_positive_float(x_variance_offset, "x_variance_offset", 0.0, inclusive=True)
+        if self.x_variance_offset and schedule.closed_form != "ve":
+            raise ValueError(f"x_variance_offset needs a schedule with mu = 0 (VE type); got {schedule!r}")
+        if (self.covariance_jitter or self.x_variance_offset) and noise is None:
+            raise ValueError("covariance_jitter / x_variance_offset apply to fractional dynamics (a noise with K >= 1)")
         T = self.horizon = schedule.horizon
         empty = torch.zeros(0, dtype=torch.float64)
         g64 = empty if noise is None else noise.gammas.detach().to(torch.float64).cpu()
@@ -625,7 +675,8 @@ class LinearFractionalDynamics(nn.Module):
         v = np.linspace(log_linear_grid(t_min * T, T, self.tau), log_linear_grid(T, T, self.tau), grid_size)
         ts = log_linear_grid_times(v, T, self.tau)
         ts[-1] = T
-        values, info = _build_tables(schedule, g64.numpy(), w64.numpy(), ts)
+        values, info = _build_tables(schedule, g64.numpy(), w64.numpy(), ts, self.covariance_jitter,
+                                     self.x_variance_offset)
         #: below these times σ̃/κ (resp. η) are power-law (resp. linear) continuations, not resolved values
         self.continuation_time = info["continuation_time"]
         self.eta_continuation_time = info["eta_continuation_time"]

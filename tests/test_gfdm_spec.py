@@ -35,7 +35,8 @@ def test_every_constructor_argument_is_held_with_its_default():
     spec = DynamicsSpec.parse("fvp:K=2")
     assert spec.to_dict() == {"family": "fvp", "hurst": 0.9, "num_processes": 2, "gamma_max": 20.0,
                               "normalize_weights": True, "beta_min": 0.1, "beta_max": 20.0, "T": 1.0,
-                              "grid_size": 2048}
+                              "grid_size": 2048, "covariance_jitter": 0.0}
+    assert DynamicsSpec.parse("fve").to_dict()["sigma_min_offset"] is False
     assert DynamicsSpec.parse("ve").to_dict() == {"family": "ve", "sigma_min": 0.01, "sigma_max": 50.0, "T": 1.0,
                                                   "grid_size": 2048}
     assert DynamicsSpec("fvp", {"H": 0.9, "K": 3}) == DynamicsSpec.parse("fvp") == DynamicsSpec("fvp")
@@ -103,7 +104,8 @@ def test_reads_the_older_checkpoint_entry():
     ("fvp:beta_max=nan", "beta_max=nan is not a finite number"),
     ("fvp:normalize_weights=maybe", "normalize_weights=maybe is not true or false"),
     ("fvp:gamma=3", "unknown key 'gamma' for fvp; allowed: H, K, gamma_max, normalize_weights, beta_min, "
-                    "beta_max, T, grid_size"),
+                    "beta_max, T, grid_size, covariance_jitter"),
+    ("fvp:covariance_jitter=-1e-4", "covariance_jitter=-1e-4 is out of range: need covariance_jitter >= 0"),
     ("vp:H=0.5", "unknown key 'H' for vp; allowed: beta_min, beta_max, T, grid_size (H, K, gamma_max, "
                  "normalize_weights need fvp)"),
     ("ve:beta_max=3", "unknown key 'beta_max' for ve; allowed: sigma_min, sigma_max, T, grid_size"),
@@ -128,7 +130,8 @@ _VALUES = {"hurst": st.floats(0.01, 0.99), "num_processes": st.integers(1, 6),
            "gamma_max": st.floats(0.5, 1e3), "normalize_weights": st.booleans(),
            "beta_min": st.floats(1e-3, 1.0), "beta_max": st.floats(1.0, 50.0),
            "sigma_min": st.floats(1e-3, 0.1), "sigma_max": st.floats(1.0, 100.0),
-           "T": st.floats(0.1, 10.0), "grid_size": st.integers(16, 4096)}
+           "T": st.floats(0.1, 10.0), "grid_size": st.integers(16, 4096),
+           "covariance_jitter": st.floats(0.0, 1e-2), "sigma_min_offset": st.booleans()}
 
 
 @st.composite

@@ -24,7 +24,7 @@ class _Fractional(LinearFractionalDynamics):
     family = ""
 
     def __init__(self, schedule: Schedule, hurst: float, num_processes: int, gamma_max: float,
-                 normalize_weights: bool, grid_size: int):
+                 normalize_weights: bool, grid_size: int, covariance_jitter: float = 0.0, x_variance_offset: float = 0.0):
         V.check_positive_int(num_processes, "num_processes", 0)
         V.check_hurst(hurst)
         if num_processes > 0:
@@ -39,7 +39,8 @@ class _Fractional(LinearFractionalDynamics):
         if normalize_weights and num_processes > 0:
             scale = _terminal_scale(schedule, gammas.numpy(), weights.numpy())
         noise = MarkovNoise(gammas, weights * scale, kind="type2", horizon=schedule.horizon) if num_processes else None
-        super().__init__(schedule, noise, grid_size=grid_size)
+        super().__init__(schedule, noise, grid_size=grid_size, covariance_jitter=covariance_jitter,
+                         x_variance_offset=x_variance_offset)
         self.hurst = float(hurst)
         self.gamma_max = float(gamma_max)
         self.normalize_weights = bool(normalize_weights)
@@ -77,27 +78,31 @@ class FVP(_Fractional):
         hurst: H ∈ (0, 1); num_processes: K ≥ 0 (0 = VP); gamma_max: largest OU rate;
         normalize_weights: rescale ω so that Var(X_T | x_0) = 1 − c(T)² as for VP;
         beta_min, beta_max, T: the schedule and the horizon; grid_size: knots of the coefficient tables.
+        covariance_jitter: 0 (exact, default) or the official code's 1e−4: its conditional law of X given Y,
+            from Σ_YY + jitter·diag(e^{−2γt}), in training and sampling (see docs/gfdm.md, "paper-compatible mode").
     """
 
     family = "FVP"
 
     def __init__(self, hurst: float = 0.9, num_processes: int = 3, gamma_max: float = 20.0,
                  normalize_weights: bool = True, beta_min: float = 0.1, beta_max: float = 20.0, T: float = 1.0,
-                 grid_size: int = 2048):
+                 grid_size: int = 2048, covariance_jitter: float = 0.0):
         super().__init__(VPSchedule(beta_min, beta_max, T), hurst, num_processes, gamma_max, normalize_weights,
-                         grid_size)
+                         grid_size, covariance_jitter)
 
 
 class FVE(_Fractional):
     """Fractional variance exploding: μ = 0, g = σ_min √(2 ln r / T) r^{t/T}, r = σ_max/σ_min.
 
     Args as :class:`FVP`, with ``sigma_min``, ``sigma_max`` instead of β; K = 0 is VE.
+    ``sigma_min_offset``: add σ_min² to Σ_XX as the official code does (Song et al.'s VE convention).
     """
 
     family = "FVE"
 
     def __init__(self, hurst: float = 0.9, num_processes: int = 3, gamma_max: float = 20.0,
                  normalize_weights: bool = True, sigma_min: float = 0.01, sigma_max: float = 50.0, T: float = 1.0,
-                 grid_size: int = 2048):
+                 grid_size: int = 2048, covariance_jitter: float = 0.0, sigma_min_offset: bool = False):
         super().__init__(VESchedule(sigma_min, sigma_max, T), hurst, num_processes, gamma_max, normalize_weights,
-                         grid_size)
+                         grid_size, covariance_jitter, sigma_min ** 2 if sigma_min_offset else 0.0)
+        self.sigma_min_offset = bool(sigma_min_offset)

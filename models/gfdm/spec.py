@@ -28,8 +28,9 @@ __all__ = ["DynamicsSpec", "FAMILIES"]
 
 #: family name → (class, fractional?)
 FAMILIES = {"vp": (FVP, False), "ve": (FVE, False), "fvp": (FVP, True), "fve": (FVE, True)}
-_FRACTIONAL_ONLY = ("hurst", "num_processes", "gamma_max", "normalize_weights")
+_FRACTIONAL_ONLY = ("hurst", "num_processes", "gamma_max", "normalize_weights", "covariance_jitter", "sigma_min_offset")
 _SHORT = {"hurst": "H", "num_processes": "K"}
+_NON_NEGATIVE = ("covariance_jitter",)      # 0 is the exact model
 _TRUE, _FALSE = ("true", "yes", "on", "1"), ("false", "no", "off", "0")
 
 
@@ -80,6 +81,10 @@ def _coerce(value, default, key: str, where: str):
         raise ValueError(f"{where}: {key}={value} is not {expected}") from None
     if key == "H" and not 0 < number < 1:
         raise ValueError(f"{where}: H={value} is out of range: need 0 < H < 1")
+    if key in _NON_NEGATIVE:
+        if number < 0:
+            raise ValueError(f"{where}: {key}={value} is out of range: need {key} >= 0")
+        return number
     if number < 1 if kind is int else number <= 0:
         need = f"{key} >= 1" if kind is int else f"{key} > 0"
         raise ValueError(f"{where}: {key}={value} is out of range: need {need}")
