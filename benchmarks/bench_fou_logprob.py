@@ -9,9 +9,17 @@ and prints one table with the times, the dense/kalman ratio and the growth facto
 previous n next to the linear (n ratio) and cubic (n ratio³) predictions. Dense sizes above
 --dense-max are not run; their time is extrapolated as t(n_max)·(n/n_max)³ and marked "~".
 
+Then, for --series S series of length --length n with S different Hurst indices (hierarchical models, NUTS
+over many series), log_prob + its gradient in every H, in one table with the ratios:
+  * loop over series — one FractionalOU per series, log_probs summed, one backward;
+  * batched — one FractionalOU over all series, all ω(H) in one solve and (uniform grid) the scan
+    specialised to shared step matrices;
+each also as the code before issue 13 ran it (ω solved one H at a time, the general associative scan).
+
 Example:
-    python benchmarks/bench_fou_logprob.py                       # n = 128, 1024, 8192
+    python benchmarks/bench_fou_logprob.py                       # n = 128, 1024, 8192; then 64 series x 1000
     python benchmarks/bench_fou_logprob.py --dense-max 1024      # extrapolate the dense 8192
+    python benchmarks/bench_fou_logprob.py --sizes --series 64 --length 1000 --repeats 5   # only the batch table
 """
 from __future__ import annotations
 
@@ -21,6 +29,7 @@ import time
 import torch
 
 from fracsde.distributions import FractionalOU, x_covariance
+from fracsde.markov import optimal_weights
 
 
 def _time(fn, repeats: int) -> float:
@@ -36,7 +45,10 @@ def _time(fn, repeats: int) -> float:
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--sizes", type=int, nargs="+", default=[128, 1024, 8192], help="lengths len(ts)")
+    parser.add_argument("--sizes", type=int, nargs="*", default=[128, 1024, 8192],
+                        help="lengths len(ts) of the Kalman-vs-dense table (none: skip it)")
+    parser.add_argument("--series", type=int, default=64, help="series (and distinct H) of the batch table (0: skip)")
+    parser.add_argument("--length", type=int, default=1000, help="length of each series in the batch table")
     parser.add_argument("--dense-max", type=int, default=8192, help="largest n for which the dense MVN is run")
     parser.add_argument("--repeats", type=int, default=3, help="timed repeats (best of) for the fast paths")
     parser.add_argument("--threads", type=int, default=1, help="torch threads")
@@ -44,8 +56,66 @@ def main(argv=None):
     parser.add_argument("--num-processes", type=int, default=3)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    f64 = torch.float64
+    if args.sizes:
+        size_table(args)
+    if args.series:
+        batch_table(args)
 
+
+def batch_table(args):
+    """log_prob + gradient for S series with S different H: batched against the per-H loop."""
+    f64 = torch.float64
+    S, n, K = args.series, args.length, args.num_processes
+    ts = torch.linspace(0, 1, n + 1, dtype=f64)[1:]
+    hurst = torch.linspace(0.1, 0.9, S, dtype=f64)
+    torch.manual_seed(0)
+    y = FractionalOU(hurst, 2.0, 1.0, ts, 0.05, num_processes=K).sample()          # (S, n)
+    out = {}
+
+    def dist(h, before):
+        d = FractionalOU(h, 2.0, 1.0, ts, 0.05, num_processes=K)
+        if before:   # the code before issue 13: ω solved one H at a time, the general associative scan
+            d.weights = torch.stack([optimal_weights(hi, d.gammas, d.kind, d.horizon).weights
+                                     for hi in h.reshape(-1).unbind(0)]).reshape(h.shape + d.gammas.shape)
+            d._transitions                       # the per-step (A, Q) as before: gathered from the two distinct
+            d._uniform_steps = False             # steps; then the scan takes the general route
+        return d
+
+    def loop(before):
+        h = hurst.clone().requires_grad_()
+        lp = sum(dist(h[i], before).log_prob(y[i]) for i in range(S))
+        lp.backward()
+        return lp.detach(), h.grad
+
+    def batched(before):
+        h = hurst.clone().requires_grad_()
+        lp = dist(h, before).log_prob(y).sum()
+        lp.backward()
+        return lp.detach(), h.grad
+
+    rows = [("loop over series, before issue 13", lambda: loop(True)),
+            ("loop over series, now", lambda: loop(False)),
+            ("batched, before (ω per H, general scan)", lambda: batched(True)),
+            ("batched, now (one ω solve, shared scan)", lambda: batched(False))]
+    times = {}
+    for name, fn in rows:
+        times[name] = _time(lambda: out.__setitem__(name, fn()), args.repeats)
+    print(f"\nlog_prob + d/dH for {S} series x {n} steps with {S} different H (K={K}, float64, "
+          f"{args.threads} thread(s)); best of {args.repeats}")
+    head = (f"{'method':42s} | {'time [ms]':>9s} | {'loop now / this':>15s} | {'loop before / this':>18s} | "
+            f"{'max |Δ lp|':>10s} | {'max |Δ grad|':>12s}")
+    print(head)
+    print("-" * len(head))
+    ref_lp, ref_grad = out[rows[-1][0]]
+    for name, _ in rows:
+        lp, grad = out[name]
+        print(f"{name:42s} | {1e3 * times[name]:9.1f} | {times[rows[1][0]] / times[name]:15.1f} | "
+              f"{times[rows[0][0]] / times[name]:18.1f} | {float((lp - ref_lp).abs()):10.1e} | "
+              f"{float((grad - ref_grad).abs().max()):12.1e}")
+
+
+def size_table(args):
+    f64 = torch.float64
     rows = []
     for n in sorted(args.sizes):
         ts = torch.linspace(0, 1, n + 1, dtype=f64)[1:]

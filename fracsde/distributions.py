@@ -362,6 +362,94 @@ def _associative_scan(combine, elems):
     return tuple(out)
 
 
+def _mv(mat: torch.Tensor, vec: torch.Tensor) -> torch.Tensor:
+    """Matrix-vector products, broadcasting: (..., D, D) with (..., D) -> (..., D) (elementwise: no tiny bmm)."""
+    return (mat * vec.unsqueeze(-2)).sum(-1)
+
+
+def _prefix_combine(b1, C1, shared, b2, eta2):
+    """A filtered prefix N(b₁, C₁) (it starts at the first observation, so A₁ = 0, η₁ = 0, J₁ = 0) followed
+    by elements whose matrices (A₂, C₂, J₂) are ``shared``: the prefix one element further.
+
+    The case A₁ = η₁ = J₁ = 0 of :func:`_kalman_combine`: b = A₂M(b₁ + C₁η₂) + b₂, C = A₂MC₁A₂ᵀ + C₂,
+    M = (I + C₁J₂)⁻¹. C₁, b₁ (m, *B, ...) carry a leading axis; the shared matrices (*B, D, D) broadcast.
+    """
+    A2, C2, J2 = shared
+    eye = torch.eye(C1.shape[-1], dtype=C1.dtype, device=C1.device)
+    Mt = torch.linalg.inv_ex(eye + J2 @ C1)[0]                      # Mᵀ; no error check (a host sync)
+    X = A2 @ Mt.transpose(-1, -2)                                   # A₂M
+    b = _mv(X, b1 + _mv(C1, eta2)) + b2
+    C = X @ C1 @ A2.transpose(-1, -2) + C2
+    return b, 0.5 * (C + C.transpose(-1, -2))
+
+
+def _shared_pairs(shared, b1, eta1, b2, eta2):
+    """Pairs of consecutive elements that share one matrix triple (A, C, J): the matrices of the pair (once)
+    and its vectors (per pair), by :func:`_kalman_combine`'s formulas with both sides' matrices equal."""
+    A, C, J = shared
+    eye = torch.eye(C.shape[-1], dtype=C.dtype, device=C.device)
+    Mt = torch.linalg.inv_ex(eye + J @ C)[0]                        # Mᵀ, M = (I + CJ)⁻¹
+    X = A @ Mt.transpose(-1, -2)                                    # A₂M
+    Y = A.transpose(-1, -2) @ Mt                                    # A₁ᵀMᵀ
+    At = A.transpose(-1, -2)
+    C_new = X @ C @ At + C
+    J_new = Y @ J @ A + J
+    pair = (X @ A, 0.5 * (C_new + C_new.transpose(-1, -2)), 0.5 * (J_new + J_new.transpose(-1, -2)))
+    b = _mv(X, b1 + _mv(C, eta2)) + b2
+    eta = _mv(Y, eta2 - _mv(J, b1)) + eta1
+    return pair, b, eta
+
+
+def _kalman_step(m, P, step):
+    """One ordinary Kalman predict + update of filtered N(m, P) (m, *B, ...) with the shared one-step
+    (A, Q) (*B, D, D), observation variance R (*B,) and observations y (m, *B) of the first component —
+    the same as :func:`_prefix_combine` with a one-step element, without its D × D inverse."""
+    A, Q, R, y = step
+    mp = _mv(A, m)
+    Pp = A @ P @ A.transpose(-1, -2) + Q
+    s = Pp[..., 0, 0] + R
+    gain = Pp[..., :, 0] / s[..., None]
+    P_new = Pp - gain[..., :, None] * gain[..., None, :] * s[..., None, None]
+    return mp + gain * (y - mp[..., 0])[..., None], 0.5 * (P_new + P_new.transpose(-1, -2))
+
+
+def _shared_kalman_scan(b0, C0, shared, b, eta, step=None):
+    """Filtered means (n, *B, D) and covariances (n, *B, D, D), time first, when every element after the
+    first has the same matrices: the odd/even recursion of :func:`_associative_scan`, specialised.
+
+    On a uniform grid the filter elements k ≥ 1 differ only in their vectors (b_k, η_k), linear in y_k.
+    Pairing preserves that shape — [prefix, generic, generic, …] — so each level combines the shared
+    matrices once (their vectors mapped by shared D×D matrices), and every prefix is one
+    :func:`_prefix_combine`. About a third of the small matrix products of the general scan, same result.
+    ``b``, ``eta``: (n − 1, *B, D) vectors of the elements 1..n−1; ``shared``: (A, C, J), each (*B, D, D).
+    ``step`` = (A, Q, R, y_1..y_{n−1}) of the one-step elements, if they are that: the half of the prefixes
+    that extend by one step then take an ordinary Kalman step (:func:`_kalman_step`) instead.
+    """
+    n = b.shape[0] + 1
+    if n == 1:
+        return b0[None], C0[None]
+    p_b, p_C = _prefix_combine(b0[None], C0[None], shared, b[:1], eta[:1])            # P_1 = E_0 ⊕ E_1
+    pairs = n // 2 - 1                                                               # E_2i ⊕ E_2i+1, i ≥ 1
+    if pairs:
+        shared2, b2, eta2 = _shared_pairs(shared, b[1:2 * pairs:2], eta[1:2 * pairs:2],
+                                          b[2:2 * pairs + 1:2], eta[2:2 * pairs + 1:2])
+        odd_b, odd_C = _shared_kalman_scan(p_b[0], p_C[0], shared2, b2, eta2)        # P_1, P_3, P_5, ...
+    else:
+        odd_b, odd_C = p_b, p_C
+    evens = (n - 1) // 2                                                              # P_2i = P_2i−1 ⊕ E_2i
+    if step is None:
+        ev_b, ev_C = _prefix_combine(odd_b[:evens], odd_C[:evens], shared, b[1:2 * evens:2], eta[1:2 * evens:2])
+    else:
+        ev_b, ev_C = _kalman_step(odd_b[:evens], odd_C[:evens], step[:3] + (step[3][1:2 * evens:2],))
+    ev_b, ev_C = torch.cat([b0[None], ev_b]), torch.cat([C0[None], ev_C])
+    out = []
+    for ev, od in ((ev_b, odd_b), (ev_C, odd_C)):
+        m = od.shape[0]
+        pairs_ = torch.stack([ev[:m], od], 1).reshape((2 * m,) + od.shape[1:])
+        out.append(torch.cat([pairs_, ev[m:]], 0) if n % 2 else pairs_)
+    return out[0], out[1]
+
+
 def _affine_combine(first, second):
     """Compose z ↦ A1 z + b1 then z ↦ A2 z + b2."""
     A1, b1 = first
@@ -532,14 +620,21 @@ class FractionalOU(TorchDistribution):
         F, G = self.augmented_system
         steps = torch.diff(self.ts, prepend=self.ts.new_zeros(1))
         n = steps.numel()
-        if n > 2 and is_uniform_grid(self.ts):
-            A, Q = discretize_linear_sde(F, G, steps[:2])          # uniform grid: two distinct steps
+        if self._uniform_steps:
+            A, Q = self._distinct_transitions                      # uniform grid: two distinct steps
             idx = torch.cat([steps.new_zeros(1, dtype=torch.long), steps.new_ones(n - 1, dtype=torch.long)])
             return A[..., idx, :, :], Q[..., idx, :, :]
         return discretize_linear_sde(F, G, steps)
 
+    @lazy_property
+    def _distinct_transitions(self):
+        """On a uniform grid: A, Q (*B, 2, D, D) of the first step (from 0) and of every later step."""
+        F, G = self.augmented_system
+        steps = torch.diff(self.ts[:2], prepend=self.ts.new_zeros(1))
+        return discretize_linear_sde(F, G, steps)
+
     def _first_prediction(self):
-        A, Q = self._transitions
+        A, Q = self._distinct_transitions if self._uniform_steps else self._transitions
         m0, P0 = self._initial_moments()
         A0, Q0 = A[..., 0, :, :], Q[..., 0, :, :]
         mp = (A0 @ m0.unsqueeze(-1)).squeeze(-1)
@@ -550,7 +645,8 @@ class FractionalOU(TorchDistribution):
         if self._validate_args:
             self._validate_sample(value)
         y = _as_float64(value) - self.loc[..., None]
-        A, Q = self._transitions
+        shared = self._uniform_steps
+        A, Q = self._distinct_transitions if shared else self._transitions
         batch = broadcast_shape(y.shape[:-1], A.shape[:-3])
         n, D = self.ts.numel(), A.shape[-1]
         A, Q = A.expand(batch + A.shape[-3:]), Q.expand(batch + Q.shape[-3:])
@@ -564,8 +660,9 @@ class FractionalOU(TorchDistribution):
         K0 = Pp0[..., :, 0] / S0[..., None]
         b0 = mp0 + K0 * (y[..., 0] - mp0[..., 0])[..., None]
         C0 = Pp0 - K0[..., :, None] * K0[..., None, :] * S0[..., None, None]
-        # elements k ≥ 1 condition on the unknown z_{k−1}
-        Ak, Qk, yk = A[..., 1:, :, :], Q[..., 1:, :, :], y[..., 1:]
+        # elements k ≥ 1 condition on the unknown z_{k−1}; on a uniform grid they share one (A, Q)
+        Ak, Qk, yk = (A[..., 1:2, :, :], Q[..., 1:2, :, :], y[..., 1:]) if shared else \
+            (A[..., 1:, :, :], Q[..., 1:, :, :], y[..., 1:])
         Sk = Qk[..., 0, 0] + R[..., None]
         Kk = Qk[..., :, 0] / Sk[..., None]
         a_row = Ak[..., 0, :]                                   # Hᵀ-row of A: e_0ᵀ A
@@ -575,7 +672,36 @@ class FractionalOU(TorchDistribution):
         eta = a_row * (yk / Sk)[..., None]
         Je = a_row[..., :, None] * a_row[..., None, :] / Sk[..., None, None]
 
-        zeros_m = torch.zeros_like(Pp0)
+        nb = len(batch)
+        if shared:
+            # one matrix triple per series; the vectors (b_k, η_k) are time first for the recursion
+            step = (Ak[..., 0, :, :], Qk[..., 0, :, :], R, yk.movedim(-1, 0))
+            means, covs = _shared_kalman_scan(b0, C0, (Ae[..., 0, :, :], Ce[..., 0, :, :], Je[..., 0, :, :]),
+                                              be.movedim(-2, 0), eta.movedim(-2, 0), step)
+            means = means.movedim(0, -2)                                  # (*batch, n, D)
+            covs = covs.movedim(0, -3)
+        else:
+            means, covs = self._general_scan(b0, C0, Ae, be, Ce, eta, Je, nb)
+
+        # one-step predictions of X for the likelihood (k ≥ 1), all steps in parallel
+        pred_mean = (a_row * means[..., :-1, :]).sum(-1)
+        # aᵀ P a elementwise: a batched (1 × D)(D × D)(D × 1) product per time step is far slower here
+        pred_var = (covs[..., :-1, :, :] * (a_row[..., :, None] * a_row[..., None, :])).sum((-1, -2))
+        S_rest = pred_var + Qk[..., 0, 0] + R[..., None]
+        S_all = torch.cat([S0[..., None], S_rest], -1)
+        resid = torch.cat([(y[..., 0] - mp0[..., 0])[..., None], yk - pred_mean], -1)
+        lp = -0.5 * (torch.log(2 * math.pi * S_all) + resid ** 2 / S_all).sum(-1)
+        return lp.to(_result_dtype(self.hurst.new_empty(0, dtype=self._dtype), torch.as_tensor(value)))
+
+    @lazy_property
+    def _uniform_steps(self) -> bool:
+        """Whether the steps after the first are all equal (then the transitions k ≥ 1 are one (A, Q))."""
+        return self.ts.numel() > 2 and is_uniform_grid(self.ts)
+
+    @staticmethod
+    def _general_scan(b0, C0, Ae, be, Ce, eta, Je, nb):
+        """Filtered means (*batch, n, D) and covariances (*batch, n, D, D) by the general associative scan."""
+        zeros_m = torch.zeros_like(C0)
         elems = (
             torch.cat([zeros_m.unsqueeze(-3), Ae], -3),
             torch.cat([b0.unsqueeze(-2), be], -2),
@@ -583,22 +709,11 @@ class FractionalOU(TorchDistribution):
             torch.cat([torch.zeros_like(b0).unsqueeze(-2), eta], -2),
             torch.cat([zeros_m.unsqueeze(-3), Je], -3),
         )
-        nb = len(batch)
         perm_m = (nb,) + tuple(range(nb)) + (nb + 1, nb + 2)
         perm_v = (nb,) + tuple(range(nb)) + (nb + 1,)
         elems = tuple(e.permute(perm_m if e.dim() == nb + 3 else perm_v) for e in elems)
         _, means, covs, _, _ = _associative_scan(_kalman_combine, elems)   # filtered, time first
-        means = means.movedim(0, -2)                                      # (*batch, n, D)
-        covs = covs.movedim(0, -3)
-
-        # one-step predictions of X for the likelihood (k ≥ 1), all steps in parallel
-        pred_mean = (a_row * means[..., :-1, :]).sum(-1)
-        pred_var = (a_row.unsqueeze(-2) @ covs[..., :-1, :, :] @ a_row.unsqueeze(-1)).squeeze(-1).squeeze(-1)
-        S_rest = pred_var + Qk[..., 0, 0] + R[..., None]
-        S_all = torch.cat([S0[..., None], S_rest], -1)
-        resid = torch.cat([(y[..., 0] - mp0[..., 0])[..., None], yk - pred_mean], -1)
-        lp = -0.5 * (torch.log(2 * math.pi * S_all) + resid ** 2 / S_all).sum(-1)
-        return lp.to(_result_dtype(self.hurst.new_empty(0, dtype=self._dtype), torch.as_tensor(value)))
+        return means.movedim(0, -2), covs.movedim(0, -3)
 
     def rsample(self, sample_shape=torch.Size()):
         sample_shape = torch.Size(sample_shape)

@@ -340,3 +340,25 @@ def test_ou_batch_of_hurst_equals_one_distribution_per_hurst(kind):
         lpi.backward()
         assert_close(lp[i].detach(), lpi.detach(), rtol=1e-10, atol=1e-10)
         assert_close(hurst.grad[i], hi.grad, rtol=1e-8, atol=1e-10)
+
+
+@pytest.mark.parametrize("n", [3, 4, 5, 6, 7, 8, 17, 64])
+def test_ou_shared_matrix_scan_equals_general_scan(n):
+    """On a uniform grid log_prob runs the scan specialised to shared step matrices; it equals the general
+    associative scan (forced on the same distribution), values and gradients, for odd and even lengths."""
+    ts = torch.linspace(0, 1, n + 1, dtype=F64)[1:] + 0.3          # first step (from 0) differs from the rest
+    params = dict(hurst=t64([0.3, 0.8]), theta=t64(1.2), sigma=t64(0.9), obs_noise=t64(0.15), x0=t64(0.4))
+    results = []
+    for shared in (True, False):
+        leaves = {k: v.clone().requires_grad_() for k, v in params.items()}
+        d = FractionalOU(ts=ts, kind="type1", **leaves)
+        assert d._uniform_steps
+        if not shared:
+            d._uniform_steps = False
+        torch.manual_seed(5)
+        y = d.sample((3,)).detach() if shared else y
+        lp = d.log_prob(y)
+        results.append((lp.detach(), torch.autograd.grad(lp.sum(), list(leaves.values()))))
+    assert_close(results[0][0], results[1][0], rtol=1e-11, atol=1e-10)
+    for a, b in zip(results[0][1], results[1][1]):
+        assert_close(a, b, rtol=1e-9, atol=1e-10)
