@@ -746,27 +746,30 @@ class LinearFractionalDynamics(nn.Module):
                 f"OU processes, a larger beta_max / sigma_max, or a longer horizon.", PriorMismatchWarning,
                 stacklevel=user_stacklevel())
 
-    def log_snr(self, t) -> torch.Tensor:
+    def log_snr(self, t, check: bool = True) -> torch.Tensor:
         """λ(t) = 2 log(c(t)/σ̃(t)), the log signal-to-noise ratio of u = c x_0 + σ̃ ε, float64.
 
         Computed as 2 ∫_0^t μ − log σ̃² from the stable tables, so it stays accurate where σ̃ is far below float
-        resolution (λ reaches ~35 for FVP(0.9, 3) at t = 1e−3). ``t`` in (0, T].
+        resolution (λ reaches ~35 for FVP(0.9, 3) at t = 1e−3). ``t`` in (0, T] (validated unless
+        ``check=False``, which hot loops use: no host sync).
         """
-        t = self.check_times(t).to(self.gammas.device)
+        t = torch.as_tensor(t)
+        t = (self.check_times(t) if check else t).to(self.gammas.device)
         return self._log_snr64(t.to(torch.float64))
 
-    def time_at_log_snr(self, lam) -> torch.Tensor:
+    def time_at_log_snr(self, lam, check: bool = True) -> torch.Tensor:
         """The inverse of :meth:`log_snr`: t with λ(t) = ``lam`` (float64, any shape), on the buffers' device.
 
         ``lam`` must lie in :attr:`log_snr_range` = (λ(T), λ(t_min)); solved by 64 vectorised bisection steps in
-        log t (λ is strictly decreasing for every FVP/FVE; a schedule whose λ is not is refused).
+        log t (λ is strictly decreasing for every FVP/FVE; a schedule whose λ is not is refused). ``check=False``
+        skips the range check (one host sync) for hot loops; values outside then map to the nearest end.
         """
         if not self.log_snr_decreasing:
             raise ValueError("time_at_log_snr needs a log-SNR that decreases in t; this schedule's does not")
         lam = torch.as_tensor(lam, dtype=torch.float64, device=self.gammas.device)
         lo_lam, hi_lam = self.log_snr_range
         bad = ~((lam >= lo_lam) & (lam <= hi_lam))           # NaN is bad too
-        if bool(bad.any()):
+        if check and bool(bad.any()):
             raise ValueError(f"lam must lie in the model's log-SNR range [λ(T), λ(t_min)] = [{lo_lam:.4g}, "
                              f"{hi_lam:.4g}] (t_min = {self.log_snr_min_time:.3g}); got values in "
                              f"[{float(lam.min()):.4g}, {float(lam.max()):.4g}]")

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .precondition import make_eps_model
 from .spec import DynamicsSpec
 from .unet import UNet, UNetConfig
 
@@ -123,7 +124,10 @@ def set_rng_state(state: dict) -> None:
 
 
 def load_for_sampling(path, device="cpu", weights: str = "ema"):
-    """(network in eval mode, dynamics, checkpoint dict) from a checkpoint, for sampling and evaluation.
+    """(ε-model in eval mode, dynamics, checkpoint dict) from a checkpoint, for sampling and evaluation.
+
+    The ε-model is the network, wrapped in :class:`models.gfdm.Preconditioned` when the run trained with
+    ``--precondition edm`` (read from the checkpoint's config).
 
     The dynamics are rebuilt from the checkpoint's ``"dynamics"`` entry (a :class:`DynamicsSpec` dict; the
     older ``{"name", "hurst", "num_processes"}`` entry is read too)."""
@@ -139,4 +143,7 @@ def load_for_sampling(path, device="cpu", weights: str = "ema"):
     weights_state = state["ema" if weights == "ema" else "model"]
     check_state_dict(net, weights_state, weights, path)
     net.load_state_dict(weights_state)
-    return net.to(device).eval(), dyn.to(device), state
+    config = state.get("config") if isinstance(state.get("config"), dict) else {}
+    dyn = dyn.to(device)
+    model = make_eps_model(net.to(device), dyn, config.get("precondition", "none"), config.get("sigma_data", 0.5))
+    return model.eval(), dyn, state

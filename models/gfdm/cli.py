@@ -188,8 +188,9 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict]:
     p.add_argument("--config", default=None, help="JSON or TOML file with the same keys as these flags")
     p.add_argument("--dynamics", nargs="+", default=list(DEFAULT_SPECS),
                    metavar="SPEC",
-                   help="dynamics to compare: vp, ve, fvp:H=<hurst>,K=<processes>, fve:H=…,K=…, and any other "
-                        "argument of FVP/FVE by name (e.g. fvp:H=0.9,K=3,gamma_max=10)")
+                   help="runs to compare: vp, ve, fvp:H=<hurst>,K=<processes>, fve:H=…,K=…, any other argument "
+                        "of FVP/FVE by name (e.g. fvp:H=0.9,K=3,gamma_max=10,covariance_jitter=1e-4), and a "
+                        "training recipe after @ (e.g. fvp:H=0.9,K=3@precondition=edm;time_sampling=like:vp)")
     p.add_argument("--out", default="runs/compare", help="output folder")
     p.add_argument("--reuse", action="store_true",
                    help="reuse finished runs in OUT instead of retraining (unfinished ones are resumed)")
@@ -403,9 +404,9 @@ def _cmd_evaluate(args, ctx, log):
 
 def _cmd_compare(args, log):
     from .compare import compare
-    from .spec import DynamicsSpec
+    from .spec import RunSpec
 
-    specs = [DynamicsSpec.parse(text) for text in args.dynamics]
+    specs = [RunSpec.parse(text) for text in args.dynamics]
     if len({spec.slug for spec in specs}) != len(specs):
         raise ValueError(f"--dynamics lists the same dynamics twice: {args.dynamics}")
     base = _train_config(args, exclude=_COMPARE_OWN, out=args.out)

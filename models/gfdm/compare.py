@@ -11,12 +11,13 @@ from .config import TrainConfig
 from .data import load_dataset
 from .evaluate import evaluate_samples
 from .generate import class_labels, derive_seed, generate, save_grid
-from .spec import DynamicsSpec
+from .spec import RunSpec
 from .train import train
 
 __all__ = ["compare", "format_table", "DEFAULT_SPECS"]
 
-DEFAULT_SPECS = ("vp", "fvp:H=0.9,K=3")
+#: VP, FVP(0.9, 3) with the paper's recipe, and FVP(0.9, 3) noise-aware (docs/images.md, the equal-budget study)
+DEFAULT_SPECS = ("vp", "fvp:H=0.9,K=3", "fvp:H=0.9,K=3@precondition=edm;time_sampling=like:vp")
 
 
 def format_table(rows: list[dict], fid_header: str) -> str:
@@ -32,24 +33,26 @@ def format_table(rows: list[dict], fid_header: str) -> str:
     return "\n".join(lines)
 
 
-def compare(specs: list[DynamicsSpec], base: TrainConfig, out, *, num_samples: int = 500,
+def compare(specs: list[RunSpec], base: TrainConfig, out, *, num_samples: int = 500,
             sample_steps: int = 200, method: str = "sde", sample_batch: int = 500, inception=None,
             cache_dir=None, reuse: bool = False, log=print) -> dict:
-    """Train each dynamics with ``base``'s budget, sample with EMA weights and shared seeds, evaluate."""
+    """Train each run (a dynamics and its recipe) with ``base``'s budget, sample with EMA weights and shared seeds,
+    evaluate."""
     ctx = distributed.init(base.device)
     out = Path(out)
     train_data = load_dataset(base.dataset, base.data_root, "train", base.download)
     test_data = load_dataset(base.dataset, base.data_root, "test", base.download)
     rows = []
     for spec in specs:
-        cfg = base.with_dynamics(spec, out=str(out / spec.slug), resume="auto" if reuse else None,
-                                 overwrite=not reuse)
+        spec = spec if isinstance(spec, RunSpec) else RunSpec(spec)
+        cfg = base.with_dynamics(spec.dynamics, out=str(out / spec.slug), resume="auto" if reuse else None,
+                                 overwrite=not reuse, **spec.recipe)
         result = train(cfg, log=log)
         if result["stopped"]:      # SIGTERM / Ctrl-C / time limit: stop the whole comparison, resumable
             log(f"compare stopped during {spec.label} ({result['stopped']}); rerun with --reuse to continue")
             return {}
         model, dyn, state = load_for_sampling(result["checkpoint"], device=ctx.device, weights="ema")
-        labels = class_labels(num_samples, model.config.num_classes)
+        labels = class_labels(num_samples, state["unet_config"]["num_classes"])
         t0 = time.perf_counter()
         samples = generate(model, dyn, num_samples, train_data.shape, batch_size=sample_batch, steps=sample_steps,
                            method=method, seed=derive_seed(base.seed, 0xC0FE), labels=labels, ctx=ctx)
@@ -59,7 +62,7 @@ def compare(specs: list[DynamicsSpec], base: TrainConfig, out, *, num_samples: i
             metrics = evaluate_samples(samples, train_data, test_data, inception=inception, cache_dir=cache_dir,
                                        device=ctx.device, log=log)
             summary = {k: v for k, v in result.items() if k not in ("model", "ema")}
-            row = {"label": spec.label, **summary, **metrics, "sample_time_s": sample_time,
+            row = {**summary, **metrics, "label": spec.label, "run_spec": spec.text, "sample_time_s": sample_time,
                    "sample_steps": sample_steps, "method": method}
             rows.append(row)
             log(f"{spec.label}: {metrics['fid_kind']} FID {metrics['fid']:.3f} ± {metrics['fid_bootstrap_std']:.3f}, "

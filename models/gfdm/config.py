@@ -52,6 +52,8 @@ class TrainConfig:
                               metavar="SPEC")
     hurst: float = _dynamics(0.9, "Hurst index H of fvp/fve")
     num_processes: int = _dynamics(3, "number K of OU processes of fvp/fve")
+    covariance_jitter: float = _dynamics(0.0, "fvp/fve: 0 = exact; 1e-4 = the official GFDM code's jitter on "
+                                              "Sigma_YY (paper-compatible mode, docs/gfdm.md)")
     # network (None: take the preset's value)
     preset: str = _network("digits-small", "U-Net size (the flags below override single fields)",
                            choices=lambda: tuple(PRESETS))
@@ -74,6 +76,13 @@ class TrainConfig:
     ema_rampup: float | None = _optimisation(0.05, "half-life at most this fraction of images seen ('none': off)",
                                              type=_float_or_none)
     t_eps: float = _optimisation(1e-5, "smallest diffusion time in training")
+    time_sampling: str = _optimisation("uniform", "training times: uniform (the paper), log-snr[:LO,HI], edm, or "
+                                                  "like:SPEC (the log-SNR law another dynamics has, e.g. like:vp)",
+                                       metavar="RULE")
+    precondition: str = _optimisation("none", "network parameterisation: none (eps = net(u, t), the paper) or "
+                                              "edm (unit-variance input, c_noise(log-SNR), EDM scalings and "
+                                              "loss weight)", choices=("none", "edm"))
+    sigma_data: float = _optimisation(0.5, "data std assumed by --precondition edm")
     amp: str = _optimisation("auto", "bf16 autocast of the network (auto: on CUDA only; CPU runs in float32)",
                              choices=AMP_CHOICES)
     seed: int = _optimisation(0, "seed of weights, data order and noise")
@@ -108,7 +117,14 @@ class TrainConfig:
                                  f"Brownian diffusion); got {self.num_processes}")
             spec = self.dynamics_spec()
             self.hurst, self.num_processes = spec.kwargs["hurst"], spec.kwargs["num_processes"]
-        self.dynamics = spec.format(omit=("hurst", "num_processes"))
+            self.covariance_jitter = spec.kwargs["covariance_jitter"]
+        elif self.covariance_jitter:
+            raise ValueError(f"covariance_jitter applies to fvp/fve; got {self.covariance_jitter} for {spec.family}")
+        self.dynamics = spec.format(omit=("hurst", "num_processes", "covariance_jitter"))
+        check_time_sampling(self.time_sampling)
+        _choice(self.precondition, "precondition", ("none", "edm"))
+        if not self.sigma_data > 0:
+            raise ValueError(f"sigma_data must be > 0; got {self.sigma_data}")
         for name in ("batch_size", "steps", "grad_accum", "log_every", "ckpt_every", "sample_every",
                      "sample_num", "grid_steps"):
             v = getattr(self, name)
@@ -122,7 +138,10 @@ class TrainConfig:
 
     def dynamics_spec(self) -> DynamicsSpec:
         """The dynamics this run trains: ``dynamics`` with H and K from ``hurst`` and ``num_processes``."""
-        return DynamicsSpec.parse(self.dynamics, defaults={"hurst": self.hurst, "num_processes": self.num_processes})
+        defaults = {"hurst": self.hurst, "num_processes": self.num_processes}
+        if DynamicsSpec.parse(self.dynamics).fractional:
+            defaults["covariance_jitter"] = self.covariance_jitter
+        return DynamicsSpec.parse(self.dynamics, defaults=defaults)
 
     def with_dynamics(self, spec: DynamicsSpec, **changes) -> "TrainConfig":
         """A copy that trains ``spec`` (H and K of a Brownian spec leave ``hurst``, ``num_processes`` as they are)."""
@@ -131,6 +150,11 @@ class TrainConfig:
 
     def to_dict(self) -> dict:
         return {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(self).items()}
+
+    @classmethod
+    def defaults(cls) -> dict:
+        """Field name → default value."""
+        return {f.name: f.default for f in fields(cls)}
 
     @classmethod
     def from_dict(cls, d: dict) -> "TrainConfig":
@@ -157,7 +181,18 @@ def normalize_keys(d: dict) -> dict:
 
 # Settings a resumed run must share with its checkpoint (anything else may change, e.g. more steps).
 IDENTITY_KEYS = ("dataset", "hflip", "dynamics", "hurst", "num_processes", "class_cond", "batch_size",
-                 "seed", "t_eps", "lr", "lr_warmup", "grad_clip", "ema_halflife_kimg", "ema_rampup")
+                 "seed", "t_eps", "lr", "lr_warmup", "grad_clip", "ema_halflife_kimg", "ema_rampup",
+                 "covariance_jitter", "time_sampling", "precondition", "sigma_data")
+
+
+def check_time_sampling(rule: str) -> str:
+    """The syntax of a time-sampling rule (its λ range is checked against the dynamics when a run starts)."""
+    name, _, arg = str(rule).partition(":")
+    if name == "like" and arg:
+        DynamicsSpec.parse(arg)            # a clear error naming the bad spec
+    elif not ((name in ("uniform", "edm") and not arg) or name == "log-snr"):
+        raise ValueError(f"time_sampling must be uniform, log-snr, log-snr:LO,HI, edm or like:SPEC; got {rule!r}")
+    return rule
 
 
 def _choice(value, name, choices):

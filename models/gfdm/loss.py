@@ -15,6 +15,8 @@ import torch
 
 from fracsde.linear import LinearFractionalDynamics
 
+from .time_sampling import time_sampler
+
 __all__ = ["score_matching_loss", "perturb", "check_data", "check_t_eps"]
 
 
@@ -47,24 +49,33 @@ def perturb(dynamics: LinearFractionalDynamics, x0: torch.Tensor, t: torch.Tenso
 
 def score_matching_loss(eps_model: Callable, dynamics: LinearFractionalDynamics, x0: torch.Tensor,
                         t_eps: float = 1e-5, generator: Optional[torch.Generator] = None,
-                        model_kwargs: Optional[dict] = None, reduction: str = "mean") -> torch.Tensor:
-    """Mean (over batch and coordinates) of ‖ε_θ(u, t) − ε‖², t ~ U(t_eps, T), u = c x_0 + σ̃ ε.
+                        model_kwargs: Optional[dict] = None, reduction: str = "mean",
+                        time_sampling="uniform") -> torch.Tensor:
+    """Mean (over batch and coordinates) of w(t)‖ε_θ(u, t) − ε‖², t ~ ``time_sampling``, u = c x_0 + σ̃ ε.
 
-    ``eps_model(u, t, **model_kwargs)`` gets u of x0's shape and t of shape (batch,) in x0's dtype.
+    ``eps_model(u, t, **model_kwargs)`` gets u of x0's shape and t of shape (batch,) in x0's dtype. If it has a
+    ``loss_weight(t)`` method (:class:`models.gfdm.Preconditioned`), w(t) is that, else 1.
+    ``time_sampling``: ``"uniform"`` (t ~ U(t_eps, T), the paper's; default), ``"log-snr[:LO,HI]"``, ``"edm"``,
+    ``"like:SPEC"`` or a :class:`models.gfdm.time_sampling.TimeSampler` — see that module for the λ-weighting
+    each one optimises. Times whose noise σ̃ would be rounded away in x0's dtype are never drawn.
     ``reduction="none"`` returns the per-sample loss (batch,). No host synchronisation.
     """
     check_data(x0)
     t_eps = check_t_eps(t_eps, dynamics.horizon)
     if reduction not in ("mean", "none"):
         raise ValueError(f"reduction must be 'mean' or 'none'; got {reduction!r}")
-    T = dynamics.horizon
-    t = t_eps + (T - t_eps) * torch.rand(x0.shape[0], generator=generator, dtype=torch.float64, device=x0.device)
+    sampler = time_sampler(dynamics, time_sampling, t_eps, x0.dtype)
+    t = sampler(x0.shape[0], generator, x0.device)
     u, eps = perturb(dynamics, x0, t, generator)
     pred = eps_model(u, t.to(x0.dtype), **(model_kwargs or {}))
     if pred.shape != x0.shape:
         raise ValueError(f"eps_model must return a tensor of the data's shape {tuple(x0.shape)}; "
                          f"got {tuple(pred.shape)}")
     err = (pred - eps).pow(2)
-    if reduction == "none":
-        return err.reshape(err.shape[0], -1).mean(1)
-    return err.mean()
+    weight = getattr(eps_model, "loss_weight", None)
+    if weight is None and reduction == "mean":
+        return err.mean()
+    per_sample = err.reshape(err.shape[0], -1).mean(1)
+    if weight is not None:
+        per_sample = per_sample * weight(t).to(per_sample.dtype)
+    return per_sample if reduction == "none" else per_sample.mean()

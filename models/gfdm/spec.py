@@ -24,7 +24,7 @@ from typing import Any, Mapping
 
 from .dynamics import FVE, FVP
 
-__all__ = ["DynamicsSpec", "FAMILIES"]
+__all__ = ["DynamicsSpec", "FAMILIES", "RunSpec", "RECIPE_KEYS"]
 
 #: family name → (class, fractional?)
 FAMILIES = {"vp": (FVP, False), "ve": (FVE, False), "fvp": (FVP, True), "fve": (FVE, True)}
@@ -248,3 +248,60 @@ def _read_attribute(dyn, name: str):
         if hasattr(owner, name):
             return getattr(owner, name)
     raise TypeError(f"cannot read the argument {name!r} back from {type(dyn).__name__}")
+
+
+#: the training-recipe keys a :class:`RunSpec` may set (fields of TrainConfig)
+RECIPE_KEYS = ("time_sampling", "precondition", "sigma_data")
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """A dynamics and the training recipe of one row of ``gfdm compare``: ``SPEC[@key=value;key=value]``.
+
+    E.g. ``"fvp:H=0.9,K=3"`` (the paper's recipe), ``"fvp:H=0.9,K=3,covariance_jitter=1e-4"`` (its code's
+    jitter), ``"fvp:H=0.9,K=3@precondition=edm;time_sampling=like:vp"`` (noise-aware), ``"vp@time_sampling=like:fvp:H=0.9,K=2"``.
+    Keys after ``@``: ``time_sampling``, ``precondition``, ``sigma_data`` (``;``-separated, since specs hold commas).
+    """
+
+    dynamics: DynamicsSpec
+    recipe: Mapping[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self):
+        object.__setattr__(self, "recipe", MappingProxyType(dict(self.recipe)))
+
+    @classmethod
+    def parse(cls, text: str) -> "RunSpec":
+        base, at, rest = str(text).partition("@")
+        recipe = {}
+        if at:
+            for item in filter(None, (part.strip() for part in rest.split(";"))):
+                key, eq, value = item.partition("=")
+                key = key.strip()
+                if not eq or key not in RECIPE_KEYS:
+                    raise ValueError(f"run spec {text!r}: expected key=value items after '@' with keys in "
+                                     f"{RECIPE_KEYS}, separated by ';'; got {item!r}")
+                if key in recipe:
+                    raise ValueError(f"run spec {text!r}: {key} is given twice")
+                recipe[key] = float(value) if key == "sigma_data" else value.strip()
+        return cls(DynamicsSpec.parse(base), recipe)
+
+    @property
+    def label(self) -> str:
+        extra = ", ".join(f"{k}={v}" for k, v in self.recipe.items())
+        return f"{self.dynamics.label} [{extra}]" if extra else self.dynamics.label
+
+    @property
+    def slug(self) -> str:
+        extra = "-".join(re.sub(r"[^a-z0-9]+", "-", f"{k}-{v}".lower()).strip("-") for k, v in self.recipe.items())
+        return f"{self.dynamics.slug}--{extra}" if extra else self.dynamics.slug
+
+    @property
+    def text(self) -> str:
+        extra = ";".join(f"{k}={v}" for k, v in self.recipe.items())
+        return f"{self.dynamics.text}@{extra}" if extra else self.dynamics.text
+
+    def __hash__(self):
+        return hash((self.dynamics, tuple(sorted(self.recipe.items()))))
+
+    def __eq__(self, other):
+        return isinstance(other, RunSpec) and self.dynamics == other.dynamics and dict(self.recipe) == dict(other.recipe)

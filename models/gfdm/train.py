@@ -34,6 +34,8 @@ from .data import BatchStream, ImageDataset, load_dataset
 from .ema import EMA
 from .generate import class_labels, derive_seed, generate, save_grid
 from .spec import DynamicsSpec
+from .precondition import make_eps_model
+from .time_sampling import TimeSampler
 from .unet import AutocastNet, UNet, UNetConfig, unet_config
 
 __all__ = ["TrainConfig", "train", "make_unet_config"]
@@ -76,6 +78,7 @@ class _Run:
     opt: torch.optim.Optimizer
     ema: EMA
     stream: BatchStream
+    time_sampler: TimeSampler     # training times (checked against the dynamics' λ range at set-up)
     step: int = 0
     train_time: float = 0.0       # training seconds and steps, summed over resumed segments
     steps_timed: int = 0
@@ -106,11 +109,12 @@ def _setup(cfg: TrainConfig) -> _Run:
     model = UNet(ucfg).to(ctx.device)
     dyn = cfg.dynamics_spec().build().to(ctx.device)
     spec = DynamicsSpec.from_dynamics(dyn)
+    time_sampler = TimeSampler(dyn, cfg.time_sampling, cfg.t_eps, torch.float32)   # a bad λ range fails here
     return _Run(cfg=cfg, ctx=ctx, use_amp=use_amp, shards=shards, out=Path(cfg.out), data=data,
                 fingerprint=fingerprint, unet_config=ucfg, model=model, dyn=dyn, dynamics=spec.to_dict(),
                 label=spec.label, opt=torch.optim.Adam(model.parameters(), lr=cfg.lr),
                 ema=EMA(model, cfg.ema_halflife_kimg * 1000, cfg.ema_rampup),
-                stream=BatchStream(len(data), cfg.batch_size, cfg.seed))
+                stream=BatchStream(len(data), cfg.batch_size, cfg.seed), time_sampler=time_sampler)
 
 
 # ----------------------------------------------------------------------------------------------- resume
@@ -134,8 +138,9 @@ def _check_resume(state: dict, run: _Run, path) -> None:
     saved = state.get("config")
     if not isinstance(saved, dict) or "optimizer" not in state or "data_stream" not in state:
         raise CheckpointError(f"{path} is a weights-only checkpoint; it cannot resume training")
-    diffs = [f"{k}: checkpoint {saved.get(k)!r}, this run {getattr(cfg, k)!r}" for k in IDENTITY_KEYS
-             if saved.get(k) != getattr(cfg, k)]
+    defaults = TrainConfig.defaults()          # keys an older checkpoint lacks had their default then
+    diffs = [f"{k}: checkpoint {saved.get(k, defaults[k])!r}, this run {getattr(cfg, k)!r}" for k in IDENTITY_KEYS
+             if saved.get(k, defaults[k]) != getattr(cfg, k)]
     if not diffs:     # same settings, yet the built dynamics may differ (e.g. a changed constructor default)
         try:
             saved_spec = DynamicsSpec.from_dict(state["dynamics"])
@@ -234,7 +239,7 @@ def _train_step(run: _Run, net: nn.Module, eps_model, loss_sum: torch.Tensor) ->
         last = not ctx.distributed or micro == cfg.grad_accum - 1
         with nullcontext() if last else net.no_sync():                   # all-reduce on the last shard only
             loss = core.score_matching_loss(eps_model, run.dyn, x, t_eps=cfg.t_eps, generator=noise_gen,
-                                            model_kwargs=model_kwargs)
+                                            model_kwargs=model_kwargs, time_sampling=run.time_sampler)
             (loss / cfg.grad_accum).backward()
         loss_sum += loss.detach()
     if cfg.grad_clip > 0:
@@ -263,7 +268,8 @@ def _checkpoint_state(run: _Run) -> dict:
 def _write_grid(run: _Run) -> Path:
     cfg = run.cfg
     labels = class_labels(cfg.sample_num, run.unet_config.num_classes)
-    images = generate(run.ema.model, run.dyn, cfg.sample_num, run.data.shape, batch_size=cfg.sample_num,
+    eps_model = make_eps_model(run.ema.model, run.dyn, cfg.precondition, cfg.sigma_data)
+    images = generate(eps_model, run.dyn, cfg.sample_num, run.data.shape, batch_size=cfg.sample_num,
                       steps=cfg.grid_steps, seed=derive_seed(cfg.seed, 0x96D), labels=labels,
                       device=run.ctx.device)
     return save_grid(images, run.out / "samples" / f"grid-{run.step:07d}.png")
@@ -323,7 +329,7 @@ def train(cfg: TrainConfig, log=print) -> dict:
     if ctx.distributed:
         net = nn.parallel.DistributedDataParallel(run.model, device_ids=[ctx.device.index]
                                                   if ctx.device.type == "cuda" else None)
-    eps_model = AutocastNet(net, run.use_amp)
+    eps_model = make_eps_model(AutocastNet(net, run.use_amp), run.dyn, cfg.precondition, cfg.sigma_data)
     metrics_path = _prepare_output(run, resume_path is not None, log) if ctx.is_main else None
 
     bar = tqdm(total=cfg.steps, initial=run.step, disable=not (ctx.is_main and cfg.progress), unit="step",
