@@ -16,7 +16,6 @@ from collections import OrderedDict
 from typing import Optional
 
 import numpy as np
-
 import torch
 from torch import nn
 
