@@ -36,7 +36,7 @@ from . import _validation as V
 from .linear import LinearFractionalDynamics
 
 __all__ = ["ReverseTimeSDE", "euler_maruyama", "sample_innovation", "eps_to_score", "reverse_sde_step",
-           "probability_flow_step", "INNOVATION_STEPS"]
+           "probability_flow_step", "INNOVATION_STEPS", "implicit_y_update"]
 
 
 def _progress(iterable, enabled: bool, desc: str):
@@ -217,9 +217,10 @@ def _implicit_y_step(B: torch.Tensor, zeta: torch.Tensor, t: torch.Tensor, h: to
     return s[:, None] * torch.linalg.inv_ex(M).inverse / s[None, :]     # inv_ex: no error check, no host sync
 
 
-def _implicit_y_update(dynamics: LinearFractionalDynamics, y_newton: torch.Tensor, y0_increment: torch.Tensor,
+def implicit_y_update(dynamics: LinearFractionalDynamics, y_newton: torch.Tensor, y0_increment: torch.Tensor,
                        zeta_next: torch.Tensor, t0: torch.Tensor, t1: torch.Tensor, score_factor: float):
-    """ỹ at t1: the explicit increment of its first (Brownian-driven) component, then the implicit linear step."""
+    """ỹ at t1: the explicit increment of its first (Brownian-driven) component, then the implicit linear step
+    (backward Euler for −Bỹ + c e_0 ζ̃(t1)ᵀỹ, unconditionally stable; c = ``score_factor``)."""
     rhs = torch.cat([y_newton[..., :1] + y0_increment[..., None], y_newton[..., 1:]], dim=-1)
     step = _implicit_y_step(dynamics.newton_drift, zeta_next, t1, t0 - t1, score_factor)
     return rhs @ step.to(y_newton.dtype).T
@@ -237,7 +238,7 @@ def reverse_sde_step(dynamics, eps, u, y_newton, coef, coef_next, t0, t1, genera
     u_new = u - h * (mu * u + delta * kappa * eps) + delta * torch.sqrt(h) * xi
     if dynamics.num_processes:
         y0_increment = -1.0 * h * kappa * eps + torch.sqrt(h) * xi
-        y_newton = _implicit_y_update(dynamics, y_newton, y0_increment, coef_next["zeta_newton"], t0, t1, 1.0)
+        y_newton = implicit_y_update(dynamics, y_newton, y0_increment, coef_next["zeta_newton"], t0, t1, 1.0)
     return u_new, y_newton
 
 
@@ -252,7 +253,7 @@ def probability_flow_step(dynamics, eps, u, y_newton, coef, coef_next, t0, t1, g
     u_new = u - h * drift
     if dynamics.num_processes:
         y0_increment = -0.5 * h * kappa * eps
-        y_newton = _implicit_y_update(dynamics, y_newton, y0_increment, coef_next["zeta_newton"], t0, t1, 0.5)
+        y_newton = implicit_y_update(dynamics, y_newton, y0_increment, coef_next["zeta_newton"], t0, t1, 0.5)
     return u_new, y_newton
 
 

@@ -104,7 +104,7 @@ def _config_names(exclude=()) -> tuple[str, ...]:
 
 
 # `gfdm compare` chooses these per dynamics and output folder itself
-_COMPARE_OWN = ("dynamics", "hurst", "num_processes", "out", "resume", "overwrite")
+_COMPARE_OWN = ("dynamics", "hurst", "num_processes", "out", "resume", "overwrite", "sampler", "grid")
 _COMPARE_DEFAULTS = {"preset": "digits-tiny", "steps": 1500, "lr": 1e-3}
 
 
@@ -119,12 +119,23 @@ def _add_data_args(p):
     add_config_flags(p, ("dataset", "data_root", "download"))
 
 
+def _add_sampler_args(g):
+    from .sampling import GRIDS
+
+    g.add_argument("--sampler", "--method", dest="method", default="sde", choices=_sampler_names(),
+                   help="sde/ode: Euler(-Maruyama) on the reverse SDE / probability flow (the paper's); ode-heun; "
+                        "ddim, dpm++2m, sde-dpm++2m, ancestral: u-space exponential integrators that denoise at the "
+                        "end (10-20 steps suffice; docs/gfdm.md)")
+    g.add_argument("--grid", default=None, choices=GRIDS,
+                   help="time grid: uniform in t (the paper's), log-snr, edm (default: uniform for sde/ode/ode-heun, "
+                        "log-snr for the u-space samplers)")
+
+
 def _add_sampling_args(g, num: int, steps: int):
     g.add_argument("--num", type=int, default=num, help="number of images")
     g.add_argument("--batch-size", type=int, default=500, help="images per sampler batch")
-    g.add_argument("--steps", type=int, default=steps, help="sampler steps")
-    g.add_argument("--method", default="sde", choices=_sampler_names(),
-                   help="sampler, e.g. sde (reverse SDE, Euler–Maruyama) or ode (probability-flow ODE)")
+    g.add_argument("--steps", type=int, default=steps, help="network evaluations of the sampler (NFE)")
+    _add_sampler_args(g)
     g.add_argument("--weights", default="ema", choices=("ema", "raw"), help="EMA or raw network weights")
     g.add_argument("--seed", type=int, default=0, help="sampling seed (images do not depend on process count)")
     g.add_argument("--device", default="auto", help="auto, cpu, cuda, …")
@@ -199,7 +210,7 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict]:
     g.add_argument("--num-samples", type=int, default=500, help="samples per dynamics for FID and VS_p")
     g.add_argument("--sample-steps", type=int, default=200, help="sampler steps")
     g.add_argument("--sample-batch", type=int, default=500, help="images per sampler batch")
-    g.add_argument("--method", default="sde", choices=_sampler_names(), help="sampler")
+    _add_sampler_args(g)
     _add_metric_args(g)
     return parser, subs
 
@@ -306,7 +317,7 @@ def _sample(args, ctx, log):
 
     model, dyn, state = load_for_sampling(args.checkpoint, device=ctx.device, weights=args.weights)
     shape = tuple(state["dataset"]["shape"])
-    ncls = model.config.num_classes
+    ncls = state["unet_config"]["num_classes"]
     if args.label is not None and not ncls:
         raise ValueError("--label needs a class-conditional checkpoint (trained with --class-cond)")
     if args.label is not None and not 0 <= args.label < ncls:
@@ -314,8 +325,14 @@ def _sample(args, ctx, log):
     labels = class_labels(args.num, ncls) if args.label is None else torch.full((args.num,), args.label)
     t0 = time.perf_counter()
     x = generate(model, dyn, args.num, shape, batch_size=args.batch_size, steps=args.steps, method=args.method,
-                 seed=args.seed, labels=labels, ctx=ctx, progress=args.progress)
+                 seed=args.seed, labels=labels, ctx=ctx, progress=args.progress, grid=args.grid)
     return x, labels, state, time.perf_counter() - t0
+
+
+def _grid_name(args) -> str:
+    from .sampling import SAMPLER_INFO
+
+    return args.grid or ("log-snr" if SAMPLER_INFO[args.method].denoises else "uniform")
 
 
 def _check_sampling_args(args):
@@ -330,7 +347,7 @@ def _cmd_sample(args, ctx, log):
 
     _check_sampling_args(args)
     out = Path(args.out) if args.out else Path(args.checkpoint).parent / (
-        f"samples-{args.weights}-{args.method}-{args.steps}")
+        f"samples-{args.weights}-{args.method}-{_grid_name(args)}-{args.steps}-n{args.num}-seed{args.seed}")
     x, labels, state, seconds = _sample(args, ctx, log)
     if not ctx.is_main:
         return 0
@@ -338,6 +355,7 @@ def _cmd_sample(args, ctx, log):
     grid = save_grid(x[:256], out / "grid.png")
     meta = {"checkpoint": str(args.checkpoint), "step": int(state["step"]), "dynamics": state["dynamics"],
             "dataset": state["dataset"]["name"], "num": args.num, "steps": args.steps, "method": args.method,
+            "grid": _grid_name(args),
             "weights": args.weights, "seed": args.seed, "seconds": seconds}
     np.savez_compressed(out / "samples.npz", x=x.numpy().astype(np.float32),
                         images=quantize(x).permute(0, 2, 3, 1).numpy(),
@@ -367,7 +385,8 @@ def _cmd_evaluate(args, ctx, log):
         args.label = None
         x, _, state, seconds = _sample(args, ctx, log)
         dataset = state["dataset"]["name"]
-        default_out = Path(args.checkpoint).parent / f"eval-{args.weights}-{args.method}-{args.steps}.json"
+        default_out = Path(args.checkpoint).parent / (f"eval-{args.weights}-{args.method}-{_grid_name(args)}-"
+                                                      f"{args.steps}-n{args.num}-seed{args.seed}.json")
     train = load_dataset(dataset, args.data_root, "train", args.download)
     test = load_dataset(dataset, args.data_root, "test", args.download)
     results = {}
@@ -382,7 +401,7 @@ def _cmd_evaluate(args, ctx, log):
         model, dyn, _ = load_for_sampling(args.checkpoint, device=ctx.device, weights=args.weights)
         nll = nll_bits_per_dim(model, dyn, test, args.nll_num, steps=args.nll_steps,
                                hutchinson_samples=args.nll_hutchinson, seed=args.seed, ctx=ctx,
-                               class_cond=bool(model.config.num_classes))
+                               class_cond=bool(state["unet_config"]["num_classes"]))
         if ctx.is_main:
             results.update(nll)
     if not ctx.is_main:
@@ -412,7 +431,7 @@ def _cmd_compare(args, log):
     base = _train_config(args, exclude=_COMPARE_OWN, out=args.out)
     t0 = time.perf_counter()
     res = compare(specs, base, args.out, num_samples=args.num_samples, sample_steps=args.sample_steps,
-                  method=args.method, sample_batch=args.sample_batch, inception=args.inception,
+                  method=args.method, grid=args.grid, sample_batch=args.sample_batch, inception=args.inception,
                   cache_dir=args.cache_dir, reuse=args.reuse, log=log)
     if res:
         log("")

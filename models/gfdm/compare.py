@@ -34,7 +34,7 @@ def format_table(rows: list[dict], fid_header: str) -> str:
 
 
 def compare(specs: list[RunSpec], base: TrainConfig, out, *, num_samples: int = 500,
-            sample_steps: int = 200, method: str = "sde", sample_batch: int = 500, inception=None,
+            sample_steps: int = 200, method: str = "sde", sample_batch: int = 500, inception=None, grid=None,
             cache_dir=None, reuse: bool = False, log=print) -> dict:
     """Train each run (a dynamics and its recipe) with ``base``'s budget, sample with EMA weights and shared seeds,
     evaluate."""
@@ -55,7 +55,7 @@ def compare(specs: list[RunSpec], base: TrainConfig, out, *, num_samples: int = 
         labels = class_labels(num_samples, state["unet_config"]["num_classes"])
         t0 = time.perf_counter()
         samples = generate(model, dyn, num_samples, train_data.shape, batch_size=sample_batch, steps=sample_steps,
-                           method=method, seed=derive_seed(base.seed, 0xC0FE), labels=labels, ctx=ctx)
+                           method=method, seed=derive_seed(base.seed, 0xC0FE), labels=labels, ctx=ctx, grid=grid)
         sample_time = time.perf_counter() - t0
         if ctx.is_main:
             save_grid(samples[:64], out / f"grid-{spec.slug}.png")
@@ -63,7 +63,7 @@ def compare(specs: list[RunSpec], base: TrainConfig, out, *, num_samples: int = 
                                        device=ctx.device, log=log)
             summary = {k: v for k, v in result.items() if k not in ("model", "ema")}
             row = {**summary, **metrics, "label": spec.label, "run_spec": spec.text, "sample_time_s": sample_time,
-                   "sample_steps": sample_steps, "method": method}
+                   "sample_steps": sample_steps, "method": method, "grid": grid}
             rows.append(row)
             log(f"{spec.label}: {metrics['fid_kind']} FID {metrics['fid']:.3f} ± {metrics['fid_bootstrap_std']:.3f}, "
                 f"VS_p {metrics['vs_p']:.2f} "

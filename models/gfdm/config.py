@@ -96,7 +96,11 @@ class TrainConfig:
     ckpt_every: int = _run(500, "steps between checkpoints")
     sample_every: int = _run(1000, "steps between sample grids")
     sample_num: int = _run(64, "images in a training sample grid")
-    grid_steps: int = _run(200, "sampler steps of training grids")
+    grid_steps: int = _run(200, "sampler steps (network evaluations) of the training image grids")
+    sampler: str = _run("sde", "sampler of the training image grids (models.gfdm.SAMPLERS)",
+                        choices=lambda: _sampler_names())
+    grid: str | None = _run(None, "time grid of that sampler: uniform, log-snr, edm (default: the sampler's)",
+                            choices=("uniform", "log-snr", "edm"))
     time_limit: float | None = _run(None, "minutes of wall time, then checkpoint and stop")
     progress: bool = _run(True, "progress bar")
 
@@ -183,6 +187,11 @@ def normalize_keys(d: dict) -> dict:
 IDENTITY_KEYS = ("dataset", "hflip", "dynamics", "hurst", "num_processes", "class_cond", "batch_size",
                  "seed", "t_eps", "lr", "lr_warmup", "grad_clip", "ema_halflife_kimg", "ema_rampup",
                  "covariance_jitter", "time_sampling", "precondition", "sigma_data")
+
+
+def _sampler_names():
+    from .sampling import SAMPLERS
+    return tuple(SAMPLERS)
 
 
 def check_time_sampling(rule: str) -> str:

@@ -29,9 +29,11 @@ def class_labels(num: int, num_classes: int | None) -> torch.Tensor | None:
 @torch.no_grad()
 def generate(model, dyn, num: int, shape, *, batch_size: int = 256, steps: int = 1000, method: str = "sde",
              seed: int = 0, labels: torch.Tensor | None = None, ctx: Context | None = None,
-             device=None, t_end: float = 1e-3, progress: bool = False, amp: bool = False) -> torch.Tensor | None:
+             device=None, t_end: float = 1e-3, progress: bool = False, amp: bool = False,
+             grid=None) -> torch.Tensor | None:
     """``num`` samples ``(num, *shape)`` in [−1, 1] (clipped) on rank 0 (None on other ranks).
-    ``amp``: run the network (only) under bf16 autocast — CUDA only."""
+    ``amp``: run the network (only) under bf16 autocast — CUDA only. ``grid``: the sampler's time grid
+    (see :func:`models.gfdm.sample`). The progress bar counts sampler steps (network evaluations) of this rank."""
     ctx = ctx or Context(device=torch.device(device or "cpu"))
     device = ctx.device if device is None else torch.device(device)
     model.eval()
@@ -40,16 +42,18 @@ def generate(model, dyn, num: int, shape, *, batch_size: int = 256, steps: int =
     batches = [(b, s, min(batch_size, num - s)) for b, s in enumerate(range(0, num, batch_size))]
     mine = batches[ctx.rank::ctx.world_size]
     out = []
-    it = mine
+    bar = None
     if progress and ctx.is_main:
         from tqdm.auto import tqdm
-        it = tqdm(mine, desc="sampling", unit="batch", dynamic_ncols=True)
-    for b, start, n in it:
+        bar = tqdm(total=len(mine) * steps, desc=f"sampling ({method})", unit="step", dynamic_ncols=True)
+    for b, start, n in mine:
         g = torch.Generator(device=device).manual_seed(derive_seed(seed, b, 0x5A))
         kw = None if labels is None else {"y": labels[start:start + n].to(device)}
         x = core.sample(model, dyn, (n, *shape), steps=steps, method=method, t_end=t_end, generator=g,
-                        device=device, model_kwargs=kw)
+                        device=device, model_kwargs=kw, grid=grid, progress=bar or False)
         out.append((b, x.clamp(-1, 1).float().cpu()))
+    if bar is not None:
+        bar.close()
     gathered = ctx.gather_to_main(out)
     if gathered is None:
         return None

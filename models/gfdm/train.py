@@ -271,6 +271,7 @@ def _write_grid(run: _Run) -> Path:
     eps_model = make_eps_model(run.ema.model, run.dyn, cfg.precondition, cfg.sigma_data)
     images = generate(eps_model, run.dyn, cfg.sample_num, run.data.shape, batch_size=cfg.sample_num,
                       steps=cfg.grid_steps, seed=derive_seed(cfg.seed, 0x96D), labels=labels,
+                      method=cfg.sampler, grid=cfg.grid,
                       device=run.ctx.device)
     return save_grid(images, run.out / "samples" / f"grid-{run.step:07d}.png")
 
