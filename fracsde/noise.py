@@ -130,21 +130,38 @@ def _innovations_plan(grid: torch.Tensor, gammas: torch.Tensor, weights: torch.T
             "carry_gain": carry, "block": C, "cast": {}}
 
 
-def _apply_innovations(ops: dict, z: torch.Tensor) -> torch.Tensor:
-    """B̂ on every block (nb, batch, C) from the normals z (nb, batch, C): the linear map of the plan.
+def _apply_innovations(ops: dict, z: torch.Tensor, first: int = 0, carry: Optional[torch.Tensor] = None,
+                       work=None):
+    """B̂ on the blocks first..first+G−1, (G, batch, C), from their normals z (G, batch, C): the plan's linear map.
 
-    One batched product gives each block's lower-triangular part and its contribution to the filter mean
-    it hands on; a loop of nb small fused ops carries the mean; one more batched product adds its effect.
+    ``carry`` (batch, D) is the filter mean entering block ``first`` (None: zero, the start of the path);
+    returns (B̂ on the blocks, the mean leaving the last one). One batched product gives each block's
+    lower-triangular part and its contribution to the mean it hands on; G small fused ops carry the mean;
+    one more batched product adds its effect. ``work``: reusable buffers (y, means, out) with ≥ G blocks.
     """
     C = ops["block"]
-    nb, batch = z.shape[:2]
+    G, batch = z.shape[:2]
     D = ops["carry_gain"].shape[1]
-    y = torch.bmm(z, ops["within"])                                          # (nb, batch, C + D)
-    means = torch.empty(nb, batch, D, dtype=z.dtype, device=z.device)        # filter mean entering block b
-    means[0] = 0.0
-    for b in range(1, nb):
-        torch.addcmul(y[b - 1, :, C:], means[b - 1], ops["carry_gain"][b - 1], out=means[b])
-    return torch.baddbmm(y[:, :, :C], means, ops["rest"])
+    gain = ops["carry_gain"][first:first + G]
+    if work is None:
+        work = (z.new_empty(G, batch, C + D), z.new_empty(G, batch, D), z.new_empty(G, batch, C))
+    y, means, out = (w[:G] for w in work)
+    torch.bmm(z, ops["within"][first:first + G], out=y)                      # (G, batch, C + D)
+    if carry is None:
+        means[0].zero_()
+    else:
+        means[0].copy_(carry)
+    for b in range(1, G):
+        torch.addcmul(y[b - 1, :, C:], means[b - 1], gain[b - 1], out=means[b])
+    carry = torch.addcmul(y[G - 1, :, C:], means[G - 1], gain[G - 1])
+    torch.baddbmm(y[:, :, :C], means, ops["rest"][first:first + G], out=out)
+    return out, carry
+
+
+#: Numbers per working buffer of the innovations sampler (blocks of the path processed at a time): reused,
+#: cache-sized buffers instead of full-size temporaries, whose page faults cost more than the arithmetic
+#: on a loaded host (measured: 5 → 11 ms for 1024 × 1024 with full-size ones).
+_CHUNK_ELEMS = 1 << 17
 
 
 class MarkovNoise(nn.Module):
@@ -292,15 +309,23 @@ class MarkovNoise(nn.Module):
         if n_steps == 0:
             return paths
         ops = self._innovation_operators(ts64, dtype, device)
-        nb, C = ops["rest"].shape[0], ops["block"]
-        z = torch.randn(nb, batch_size, C, generator=generator, dtype=dtype, device=device)
-        blocks = _apply_innovations(ops, z)                                    # (nb, batch, C)
-        full, rem = divmod(n_steps, C)
+        nb, C, D = ops["rest"].shape[0], ops["block"], ops["carry_gain"].shape[1]
+        G = max(1, min(nb, _CHUNK_ELEMS // (batch_size * C)))                  # blocks per chunk
+        z = torch.empty(G, batch_size, C, dtype=dtype, device=device)
+        work = (z.new_empty(G, batch_size, C + D), z.new_empty(G, batch_size, D), z.new_empty(G, batch_size, C))
         dest = paths[:, offset:]
-        if full:
-            dest[:, :full * C].unflatten(1, (full, C)).copy_(blocks[:full].transpose(0, 1))
-        if rem:
-            dest[:, full * C:].copy_(blocks[full, :, :rem])
+        carry = None
+        for first in range(0, nb, G):
+            g = min(G, nb - first)
+            torch.randn(z[:g].shape, generator=generator, dtype=dtype, device=device, out=z[:g])
+            blocks, carry = _apply_innovations(ops, z[:g], first, carry, work)
+            s0 = first * C
+            s1 = min(s0 + g * C, n_steps)
+            full, rem = divmod(s1 - s0, C)
+            if full:
+                dest[:, s0:s0 + full * C].unflatten(1, (full, C)).copy_(blocks[:full].transpose(0, 1))
+            if rem:
+                dest[:, s0 + full * C:s1].copy_(blocks[full, :, :rem])
         return paths
 
     def _innovation_operators(self, ts64, dtype, device) -> dict:

@@ -29,7 +29,7 @@ def _implied_covariance(noise, ts):
     nb, C = ops["rest"].shape[0], ops["block"]
     n = nb * C
     basis = torch.eye(n, dtype=F64).view(n, nb, C).transpose(0, 1)          # z = e_i for "path" i
-    L_T = _apply_innovations(ops, basis).transpose(0, 1).reshape(n, n)      # row i: L e_i
+    L_T = _apply_innovations(ops, basis)[0].transpose(0, 1).reshape(n, n)   # row i: L e_i
     offset = 1 if float(ts[0]) == 0 else 0
     L_T = L_T[:, :ts.numel() - offset]
     return L_T.T @ L_T, offset
@@ -137,3 +137,25 @@ def test_operators_follow_a_learnable_hurst():
     ref = noise.covariance(ts[1:, None], ts[None, 1:]).detach()
     assert float((implied - ref).abs().max()) <= 1e-8 * float(ref.abs().max())
     assert len(noise._innovation_cache) <= 2
+
+
+def test_chunked_sampling_equals_one_pass():
+    """The sampler works on cache-sized chunks of blocks, carrying the filter mean across chunks: the same
+    paths as applying the map to all blocks at once with the same normals."""
+    import fracsde.noise as noise_module
+
+    noise = MarkovApproxFBM(0.7, 3, kind="type1")
+    ts = torch.linspace(0, 1, 300, dtype=F64)
+    full = noise.sample(ts, 7, generator=torch.Generator().manual_seed(9), dtype=F64)
+    old = noise_module._CHUNK_ELEMS
+    try:
+        noise_module._CHUNK_ELEMS = 7 * INNOVATION_BLOCK * 2              # two blocks per chunk
+        chunked = noise.sample(ts, 7, generator=torch.Generator().manual_seed(9), dtype=F64)
+    finally:
+        noise_module._CHUNK_ELEMS = old
+    ops = noise._innovation_operators(ts, F64, torch.device("cpu"))
+    nb, C = ops["rest"].shape[0], ops["block"]
+    z = torch.randn(nb, 7, C, generator=torch.Generator().manual_seed(9), dtype=F64)
+    one_pass = _apply_innovations(ops, z)[0].transpose(0, 1).reshape(7, nb * C)[:, :ts.numel() - 1]
+    torch.testing.assert_close(full[:, 1:], one_pass, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(chunked[:, 1:], one_pass, rtol=1e-12, atol=1e-12)
