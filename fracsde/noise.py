@@ -158,10 +158,11 @@ def _apply_innovations(ops: dict, z: torch.Tensor, first: int = 0, carry: Option
     return out, carry
 
 
-#: Numbers per working buffer of the innovations sampler (blocks of the path processed at a time): reused,
-#: cache-sized buffers instead of full-size temporaries, whose page faults cost more than the arithmetic
-#: on a loaded host (measured: 5 → 11 ms for 1024 × 1024 with full-size ones).
-_CHUNK_ELEMS = 1 << 17
+#: Numbers per working buffer of the innovations sampler (the blocks of the path processed at a time): a few
+#: reused ~2 MB buffers instead of full-size temporaries bound the memory (the output aside) and their page
+#: faults; fewer, larger chunks keep the count of parallel regions low (each one waits on a busy host's
+#: OpenMP team). 2^17 and 2^19 and unchunked measured alike with one thread; 2^17 was worst with two.
+_CHUNK_ELEMS = 1 << 19
 
 
 class MarkovNoise(nn.Module):
