@@ -58,6 +58,9 @@ __all__ = ["Schedule", "VPSchedule", "VESchedule", "LinearFractionalDynamics", "
 _EPS = float(np.finfo(np.float64).eps)
 # The QR determines σ̃ to about _EPS·‖R‖; below this relative accuracy the power-law continuation takes over.
 _CONTINUATION_TOL = 1e-7
+#: largest γ_max·T accepted: the Lyapunov solve's cost grows linearly in it (~5 s at 2e4 with K = 1, measured;
+#: γ_max·T = 2e7 ran for hours), and from K = 2 on the tables stop resolving far below it anyway
+_MAX_RATE_HORIZON = 2e4
 #: PriorMismatchWarning above this terminal log-SNR λ(T) (the prior then ignores a signal of e^{λ(T)/2} ≳ 8 %)
 PRIOR_MISMATCH_LOG_SNR = -5.0
 
@@ -365,6 +368,10 @@ def _lyapunov_covariance(schedule: Schedule, gammas: np.ndarray, weights: np.nda
                          rtol: float = 1e-11) -> np.ndarray:
     """Σ(t) (standard basis, (len(ts), K+1, K+1)) from Σ' = FΣ + ΣFᵀ + GGᵀ, Σ(0) = 0, solved once (DOP853)."""
     n = gammas.size + 1
+    if gammas.size and float(gammas.max()) * float(ts[-1]) > _MAX_RATE_HORIZON:
+        raise ValueError(f"gamma_max·T = {float(gammas.max()) * float(ts[-1]):g} (largest OU rate × horizon T = "
+                         f"{float(ts[-1]):g}) exceeds {_MAX_RATE_HORIZON:g}, beyond which the covariance (Lyapunov) "
+                         f"solve does not finish in reasonable time; use a smaller gamma_max or a shorter horizon T")
     # F and G are affine in (μ, g): F = μ F_μ + g F_g + F_0, G = g G_g + G_0, with the pieces taken once from
     # augmented_system (the right-hand side runs thousands of times, in numpy; the splitting is exact)
     pieces = [augmented_system(torch.tensor(mu, dtype=torch.float64), torch.tensor(g, dtype=torch.float64),
@@ -488,6 +495,14 @@ def _jittered_conditionals(schedule: Schedule, gammas: np.ndarray, weights: np.n
             "zeta": (zeta @ Ninv) * t ** np.arange(1, K + 1)[None, :]}
 
 
+def _unresolved_message(gammas: np.ndarray, ts: np.ndarray, t_bad: float) -> str:
+    return (f"the coefficient tables cannot be resolved in float64 for num_processes K = {gammas.size} with "
+            f"gamma_max·T = {gammas.max() * ts[-1]:g} (the regression on the OU states loses all digits from "
+            f"t = {t_bad:.3g} on). Supported, measured at H = 0.9 with the default rates: K <= 7 at "
+            f"gamma_max·T = 20 (T = 1), K <= 3 at gamma_max·T <= 800, K <= 2 at gamma_max·T <= 2000; use fewer "
+            f"processes (num_processes), a smaller gamma_max or a shorter horizon T")
+
+
 def _build_tables(schedule: Schedule, gammas: np.ndarray, weights: np.ndarray, ts: np.ndarray,
                   jitter: float = 0.0, x_offset: float = 0.0) -> tuple[dict, dict]:
     """Values on the knots ``ts`` of every tabulated quantity, and facts about the continuation.
@@ -520,8 +535,7 @@ def _build_tables(schedule: Schedule, gammas: np.ndarray, weights: np.ndarray, t
             # log σ̃² and κ² = p(t)/t − 2μ (the identity (σ̃²)′ = 2μσ̃² + δ²) are continuous there.
             i0 = int(np.nonzero(bad)[0].max()) + 1
             if i0 >= ts.size - 8:
-                raise RuntimeError("conditional variance not resolved anywhere on the grid; "
-                                   "this schedule/rate combination is too degenerate")
+                raise ValueError(_unresolved_message(gammas, ts, float(ts[int(np.nonzero(bad)[0].min())])))
             t0 = ts[i0]
             info["continuation_time"] = float(t0)
             mu = sch.mu(tt).numpy()
@@ -539,6 +553,8 @@ def _build_tables(schedule: Schedule, gammas: np.ndarray, weights: np.ndarray, t
         if bad_eta.any():
             # η has a finite limit at 0 and is smooth in t: continue η̃_R linearly from the first resolved knots
             i1 = int(np.nonzero(bad_eta)[0].max()) + 1
+            if i1 >= ts.size - 8:
+                raise ValueError(_unresolved_message(gammas, ts, float(ts[int(np.nonzero(bad_eta)[0].min())])))
             slope = (eta_r[i1 + 1] - eta_r[i1]) / (ts[i1 + 1] - ts[i1])
             eta_r = eta_r.copy()
             eta_r[:i1] = eta_r[i1] + slope[None, :] * (ts[:i1, None] - ts[i1])

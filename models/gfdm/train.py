@@ -100,6 +100,9 @@ def _setup(cfg: TrainConfig) -> _Run:
     if cfg.batch_size % shards:
         raise ValueError(f"batch_size {cfg.batch_size} must be divisible by world_size × grad_accum = {shards}")
     data = load_dataset(cfg.dataset, cfg.data_root, "train", cfg.download)
+    if cfg.batch_size > len(data):     # before anything is allocated: such a batch repeats images and may not fit
+        raise ValueError(f"--batch-size {cfg.batch_size} exceeds the training set of {data.name} ({len(data)} "
+                         f"images); use --batch-size <= {len(data)}")
     if cfg.hflip is not None:
         data.hflip = cfg.hflip
     ucfg = make_unet_config(cfg, data)
