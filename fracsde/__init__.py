@@ -1,5 +1,5 @@
 """fracsde: stochastic differential equations driven by fractional Brownian motion, in PyTorch."""
-from ._warnings import FracsdeWarning, IllConditionedWarning, PriorMismatchWarning
+from ._warnings import ApproximationWarning, FracsdeWarning, IllConditionedWarning, PriorMismatchWarning
 from .fbm import FractionalBrownianMotion
 from .noise import MarkovNoise
 from .markov import MarkovApproxFBM, geometric_gammas, optimal_weights
@@ -12,6 +12,7 @@ __version__ = "0.1.0"
 __all__ = [
     "FracsdeWarning",
     "IllConditionedWarning",
+    "ApproximationWarning",
     "PriorMismatchWarning",
     "FractionalBrownianMotion",
     "MarkovNoise",

@@ -13,6 +13,10 @@ class IllConditionedWarning(FracsdeWarning):
     """A linear solve was ill-conditioned; the result may be inaccurate."""
 
 
+class ApproximationWarning(FracsdeWarning):
+    """The Markov approximation of fBM is poor (large relative L2 error) for the requested H, K and rates."""
+
+
 class PriorMismatchWarning(FracsdeWarning):
     """A diffusion's terminal log-SNR is so high that its data-independent prior N(0, Σ_T) is visibly wrong."""
 

@@ -768,6 +768,8 @@ def x_covariance(dist: FractionalOU, ts: Optional[torch.Tensor] = None, chunk_el
     (*batch, n, n) float64. Uniform grids reuse the n distinct lags; other grids take one matrix
     exponential per pair. Rows are processed in chunks of about ``chunk_elems`` numbers.
     """
+    if not isinstance(dist, FractionalOU):
+        raise TypeError(f"x_covariance needs a FractionalOU distribution; got {type(dist).__name__}")
     ts = dist.ts if ts is None else V.as_times(ts, dtype=torch.float64)
     F, G = dist.augmented_system
     m0, P0 = dist._initial_moments()

@@ -65,8 +65,8 @@ class FractionalBrownianMotion:
         """
         V.check_batch_size(batch_size)
         V.check_choice(method, "method", METHODS)
-        dtype = dtype or torch.get_default_dtype()
-        device = torch.device(device) if device is not None else torch.device("cpu")
+        dtype, out_dtype = V.sampling_dtypes(dtype)          # float16/bfloat16: computed in float32
+        device = V.check_device(device) if device is not None else torch.device("cpu")
         ts64 = V.as_times(ts, dtype=torch.float64).cpu()
         if method == "auto":
             stationary = get_kind(self.kind).stationary_increments
@@ -80,8 +80,8 @@ class FractionalBrownianMotion:
                 raise ValueError("method='davies-harte' needs a uniform grid whose points are multiples of the "
                                  "step (ts[i] = (k0 + i) * dt, e.g. torch.linspace(0, T, n)); use method='cholesky' "
                                  "for other grids")
-            return self._davies_harte(ts64, step, batch_size, generator, dtype, device)
-        return self._cholesky(ts64, batch_size, generator, dtype, device)
+            return self._davies_harte(ts64, step, batch_size, generator, dtype, device).to(out_dtype)
+        return self._cholesky(ts64, batch_size, generator, dtype, device).to(out_dtype)
 
     def _cholesky(self, ts, batch_size, generator, dtype, device):
         out = torch.zeros(batch_size, ts.numel(), dtype=dtype, device=device)

@@ -21,11 +21,14 @@ import torch
 from torch import nn
 
 from . import _validation as V
-from ._warnings import IllConditionedWarning
+from ._warnings import ApproximationWarning, IllConditionedWarning
 from .kinds import get_kind
 from .noise import MarkovNoise, check_rates
 
 __all__ = ["MarkovApproxFBM", "geometric_gammas", "optimal_weights", "WeightSolution"]
+
+#: ApproximationWarning above this relative L2 error (half of ∫E[B²] missed), or below 0 (a broken solve)
+LARGE_APPROXIMATION_ERROR = 0.5
 
 #: Above this condition number of A the weight solve loses > 10 of float64's 16 digits.
 ILL_CONDITIONED = 1e10
@@ -74,6 +77,9 @@ def optimal_weights(hurst, gammas, kind: str = "type2", horizon: float = 1.0) ->
     V.check_hurst(hurst)
     g = torch.as_tensor(gammas).to(torch.float64)
     check_rates(g)
+    if g.numel() > 1 and torch.unique(g).numel() < g.numel():
+        raise ValueError(f"gammas must be distinct (repeated rates make the weight system singular); "
+                         f"got {g.tolist()}")
     h = torch.as_tensor(hurst, dtype=torch.float64, device=g.device)
     w, rel, A = _solve_weights(h, g, kind, horizon)
     return WeightSolution(w, rel, float(torch.linalg.cond(A.detach())))
@@ -85,8 +91,9 @@ class MarkovApproxFBM(MarkovNoise):
     Args:
         hurst: Hurst index H in (0, 1).
         num_processes: K ≥ 1, number of OU processes (ignored when ``gammas`` is given).
-        gamma_max: > 1, the largest rate of the geometric grid (GFDM uses 20); with K = 1 the grid is [1]
-            and :attr:`gamma_max` (always derived from the rates) is 1.
+        gamma_max: > 1, the largest rate of the geometric grid in units of 1/horizon (GFDM uses 20 on [0, 1]):
+            the rates are γ_max^{(2k−K−1)/(K−1)}/horizon, so by self-similarity the approximation error is the same
+            at every horizon. With K = 1 the grid is [1/horizon]; :attr:`gamma_max` is always the largest rate.
         gammas: explicit positive rates; overrides the geometric grid.
         kind: ``"type2"`` (Riemann–Liouville, Y(0) = 0) or ``"type1"`` (Mandelbrot–van Ness,
             stationary OU start, B̂_t = Σω(Y(t) − Y(0))).
@@ -111,7 +118,7 @@ class MarkovApproxFBM(MarkovNoise):
         if gammas is None:
             V.check_positive_int(num_processes, "num_processes", 1)
             gamma_max = V.check_positive_float(gamma_max, "gamma_max", 1.0)
-            g = geometric_gammas(num_processes, gamma_max)
+            g = geometric_gammas(num_processes, gamma_max) / horizon
         else:
             g = check_rates(gammas)
         h0 = torch.as_tensor(float(hurst), dtype=torch.float64)
@@ -129,6 +136,12 @@ class MarkovApproxFBM(MarkovNoise):
                 f"{float(sol.relative_error):.3e}. More processes barely help at fixed gamma_max.",
                 IllConditionedWarning, stacklevel=2)
         self.condition_number = sol.condition_number
+        if not 0.0 <= float(sol.relative_error) <= LARGE_APPROXIMATION_ERROR:
+            warnings.warn(
+                f"the MA-fBM with K = {g.numel()} processes (rates {float(g.min()):.3g}..{float(g.max()):.3g}) "
+                f"approximates {kind} fBM of H = {float(h0):g} on [0, {horizon:g}] with a relative L2 error of "
+                f"{float(sol.relative_error):.3g} (outside [0, {LARGE_APPROXIMATION_ERROR:g}]); more processes or a "
+                f"larger gamma_max reduce it (docs/markov.md)", ApproximationWarning, stacklevel=2)
         if not self.learnable_hurst:
             self.register_buffer("_relative_error", sol.relative_error.detach())
 

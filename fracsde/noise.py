@@ -253,8 +253,8 @@ class MarkovNoise(nn.Module):
                       dtype: Optional[torch.dtype] = None, device=None) -> torch.Tensor:
         """(batch, K) OU states at t = 0, drawn from :meth:`initial_covariance` (zeros for type II)."""
         V.check_batch_size(batch_size)
-        dtype = dtype or torch.get_default_dtype()
-        device = torch.device(device) if device is not None else self.gammas.device
+        dtype = V.sampling_dtypes(dtype)[1]
+        device = V.check_device(device) if device is not None else self.gammas.device
         K = self.num_processes
         if not get_kind(self.kind).stationary_start:
             return torch.zeros(batch_size, K, dtype=dtype, device=device)
@@ -293,12 +293,13 @@ class MarkovNoise(nn.Module):
         if return_state and method != "state":
             raise ValueError("method='innovations' draws B̂ alone (one normal per step), not the OU states; "
                              "use method='state' (or 'auto') with return_state=True")
-        dtype = dtype or torch.get_default_dtype()
-        device = torch.device(device) if device is not None else self.gammas.device
+        dtype, out_dtype = V.sampling_dtypes(dtype)          # float16/bfloat16: computed in float32
+        device = V.check_device(device) if device is not None else self.gammas.device
         ts64 = V.as_times(ts, dtype=torch.float64).to(device)
         if method == "innovations":
-            return self._sample_innovations(ts64, batch_size, generator, dtype, device)
-        return self._sample_state(ts64, batch_size, generator, dtype, device, return_state)
+            return self._sample_innovations(ts64, batch_size, generator, dtype, device).to(out_dtype)
+        out = self._sample_state(ts64, batch_size, generator, dtype, device, return_state)
+        return tuple(o.to(out_dtype) for o in out) if return_state else out.to(out_dtype)
 
     def _sample_innovations(self, ts64, batch_size, generator, dtype, device):
         """B̂ from one normal per step, by the block operators of :func:`_innovations_plan` (see there)."""

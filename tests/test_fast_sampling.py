@@ -35,6 +35,7 @@ def _implied_covariance(noise, ts):
     return L_T.T @ L_T, offset
 
 
+@pytest.mark.filterwarnings("ignore::fracsde.ApproximationWarning")   # includes K = 1 on purpose
 @pytest.mark.parametrize("grid", sorted(GRIDS))
 @pytest.mark.parametrize("K", [1, 2, 3, 4, 5])
 @pytest.mark.parametrize("kind", ["type1", "type2"])
@@ -50,6 +51,7 @@ def test_sampler_operator_reproduces_the_closed_form_covariance(kind, K, grid):
     assert float((implied - ref).abs().max()) <= 1e-8 * float(ref.abs().max())
 
 
+@pytest.mark.filterwarnings("ignore::fracsde.ApproximationWarning")   # includes K = 1 on purpose
 @pytest.mark.parametrize("grid", ["uniform", "nonuniform"])
 @pytest.mark.parametrize("K", [1, 2, 3, 4, 5])
 @pytest.mark.parametrize("kind", ["type1", "type2"])

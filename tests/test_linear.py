@@ -278,10 +278,10 @@ def test_forward_marginals_match_monte_carlo_with_fracsde_sdeint():
     xs = sdeint(Forward(noise), torch.full((n, 1), x0, dtype=torch.float64), ts, method="srk", dt=dt, bm=bm)[..., 0]
     ys = []
     for k in range(K):
-        aux = MarkovApproxFBM(hurst, gammas=noise.gammas[k:k + 1])
+        aux = MarkovNoise(noise.gammas[k:k + 1], [1.0])                      # B̂' = Y_k exactly
         _, bhat = sdeint(Silent(aux), torch.zeros(n, 1, dtype=torch.float64), ts, method="srk", dt=dt, bm=bm,
                          return_noise=True)
-        ys.append(bhat[..., 0] / aux.weights[0])
+        ys.append(bhat[..., 0])
     ys = torch.stack(ys, -1)                                                   # (len(ts), n, K)
     z = bonferroni_z(3 * (2 + K))
     for i in range(1, ts.numel()):

@@ -107,6 +107,7 @@ def test_error_identity_and_covariance_bound(kind):
         assert float(diff.mean()) * T * T <= 2 * T * c * math.sqrt(err)
 
 
+@pytest.mark.filterwarnings("ignore::fracsde.ApproximationWarning")   # includes K = 1 on purpose
 @pytest.mark.parametrize("kind", ["type1", "type2"])
 @given(hurst=st.floats(0.55, 0.95))
 @settings(max_examples=10)
@@ -116,6 +117,7 @@ def test_error_falls_from_k1_to_k3(kind, hurst):
     assert errs[1] > errs[2] if kind == "type2" else errs[0] > errs[1]
 
 
+@pytest.mark.filterwarnings("ignore::fracsde.ApproximationWarning")   # includes K = 1 on purpose
 @given(hurst=st.floats(0.05, 0.95), k=st.integers(1, 5), kind=st.sampled_from(["type1", "type2"]),
        times=st.lists(st.floats(0.0, 3.0), min_size=2, max_size=12, unique=True))
 @settings(max_examples=25)
