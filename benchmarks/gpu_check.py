@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import platform
 import sys
 import time
@@ -22,6 +23,11 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
+
+
+def _gib(value: float) -> str:
+    """A peak-memory figure; CUDA only (on CPU torch does not track it)."""
+    return "n/a (CPU)" if math.isnan(value) else f"{value:.2f} GiB"
 
 
 def parse_args(argv=None):
@@ -117,7 +123,7 @@ def main(argv=None) -> int:   # one straight script (setup, two runs, report): ~
     text = (f"# gpu_check: VP vs FVP(H=0.9,K=3) at equal budget\n\n```\n{json.dumps(info, indent=1)}\n```\n\n"
             f"{table}\n\nSampling ({args.num_samples} images, {args.sample_steps} Euler–Maruyama steps, bf16 "
             f"autocast on CUDA): VP {vp['sample_img_per_s']:.1f} img/s, FVP {fvp['sample_img_per_s']:.1f} img/s; "
-            f"peak sampling memory VP {vp['sampling_peak_gib']:.2f} GiB, FVP {fvp['sampling_peak_gib']:.2f} GiB.\n"
+            f"peak sampling memory VP {_gib(vp['sampling_peak_gib'])}, FVP {_gib(fvp['sampling_peak_gib'])}.\n"
             f"Training time per image FVP / VP: {vp['img_per_s'] / fvp['img_per_s']:.3f}.\n\n"
             f"{vp['fid_label']}.\n")
     out.mkdir(parents=True, exist_ok=True)

@@ -7,6 +7,7 @@ import warnings
 import pytest
 import torch
 
+from models.gfdm import GaussianEpsModel, GaussianMixtureEpsModel
 from models.gfdm.cli import main
 
 TINY = ["--dataset", "digits", "--preset", "digits-tiny", "--threads", "1", "--no-progress"]
@@ -73,3 +74,216 @@ def test_reversible_heun_adjoint_is_refused_where_its_gradients_are_wrong():
     msg = str(e.value)
     assert "gamma_max * (T - t0) = 20" in msg and "<= 6.91" in msg
     assert all(name in msg for name in ("'midpoint'", "'heun'", "'euler_heun'"))
+
+
+# --------------------------------------------------------------------------------------- 3. NaN is an error
+@pytest.fixture(scope="module")
+def fvp():
+    from models.gfdm import FVP
+
+    return FVP(0.9, 2)
+
+
+def test_evaluate_refuses_non_finite_samples(tmp_path, capsys):
+    import numpy as np
+
+    path = tmp_path / "nan.npz"
+    np.savez(path, x=np.full((12, 1, 8, 8), np.nan, np.float32))
+    assert main(["evaluate", "--samples", str(path), "--dataset", "digits"]) == 2
+    err = _one_error(capsys)
+    assert "samples must be finite; 12 of 12 images hold NaN" in err
+    assert not path.with_suffix(".eval.json").exists()
+
+
+def test_loss_and_likelihood_refuse_non_finite_data(fvp):
+    from models.gfdm import nll_bits_per_dim, score_matching_loss
+
+    x0 = torch.zeros(4, 3)
+    x0[1, 2] = float("nan")
+    model = lambda u, t: u  # noqa: E731
+    with pytest.raises(ValueError, match="x0 must be finite; 1 of its 4 samples hold NaN"):
+        score_matching_loss(model, fvp, x0)
+    with pytest.raises(ValueError, match="x0 must be finite; 1 of its 4 samples hold NaN"):
+        nll_bits_per_dim(model, fvp, x0, steps=2)
+
+
+def test_likelihood_names_an_eps_model_that_ignores_its_input(fvp):
+    from models.gfdm import nll_bits_per_dim
+
+    with pytest.raises(ValueError, match="no autograd graph to its input u"):
+        nll_bits_per_dim(lambda u, t: torch.zeros_like(u), fvp, torch.zeros(2, 3), steps=2)
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda d: GaussianEpsModel(d, 0.0, 0.0),
+     r"std must be > 0 and finite \(every entry\); got 0.0"),
+    (lambda d: GaussianEpsModel(d, 0.0, [1.0, -2.0]),
+     r"std must be > 0 .* got \[1.0, -2.0\]"),
+    (lambda d: GaussianMixtureEpsModel(d, [[0.0], [1.0]], [1.0, 1.0], [-1.0, 2.0]),
+     r"weights must be >= 0, finite and not all 0; got \[-1.0, 2.0\]"),
+    (lambda d: GaussianMixtureEpsModel(d, [[0.0], [1.0]], [1.0, 0.0], [1.0, 2.0]),
+     r"stds must be > 0 and finite; got \[1.0, 0.0\]"),
+])
+def test_gaussian_oracles_refuse_bad_parameters(fvp, make, message):
+    with pytest.raises(ValueError, match=message):
+        make(fvp)
+
+
+# ------------------------------------------------------------------------------------ 5. resume and folders
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    """A 2-step run with two training grids, a sample folder and an evaluation beside its checkpoint."""
+    import shutil
+
+    out = tmp_path_factory.mktemp("faults") / "run"
+    assert main(["train", *TINY, "--steps", "2", "--batch-size", "16", "--sample-every", "1", "--grid-steps", "2",
+                 "--sample-num", "4", "--out", str(out)]) == 0
+    assert main(["sample", "--checkpoint", str(out / "checkpoint.pt"), "--num", "4", "--steps", "2",
+                 "--no-progress", "--threads", "1"]) == 0
+    (out / "eval-ema-sde-uniform-2-n4-seed0.json").write_text("{}")
+    shutil.copy(out / "checkpoint.pt", out.parent / "pristine.pt")
+    return out
+
+
+def test_resume_without_a_checkpoint_is_refused(tmp_path, capsys):
+    out = tmp_path / "fresh"
+    assert main(["train", *TINY, "--steps", "2", "--out", str(out), "--resume"]) == 2
+    err = _one_error(capsys)
+    assert f"--resume: no checkpoint at {out / 'checkpoint.pt'}" in err
+    assert main(["train", *TINY, "--steps", "2", "--out", str(out), "--resume", str(tmp_path / "missing.pt")]) == 2
+    assert f"no checkpoint at {tmp_path / 'missing.pt'}" in _one_error(capsys)
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("command", ["train", "sample", "evaluate"])
+def test_a_read_only_output_folder_is_one_clear_error_before_any_work(run, tmp_path, capsys, monkeypatch, command):
+    import os
+
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    real = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode, **kw: False if str(p).startswith(str(locked)) else real(p, mode))
+    argv = {"train": ["train", *TINY, "--steps", "2", "--out", str(locked / "run")],
+            "sample": ["sample", "--checkpoint", str(run / "checkpoint.pt"), "--num", "2", "--steps", "2",
+                       "--out", str(locked / "s")],
+            "evaluate": ["evaluate", "--checkpoint", str(run / "checkpoint.pt"), "--num", "2", "--steps", "2",
+                         "--out", str(locked / "e.json")]}[command]
+    assert main(argv) == 2
+    err = _one_error(capsys)
+    assert f"--out {locked}" in err and f"{locked} is not writable" in err
+    assert list(locked.iterdir()) == []
+
+
+def test_sample_into_an_existing_file_fails_before_sampling(run, tmp_path, capsys, monkeypatch):
+    import models.gfdm.cli as cli
+
+    monkeypatch.setattr(cli, "_sample", lambda *a: pytest.fail("sampled before checking --out"))
+    target = tmp_path / "file"
+    target.write_text("keep")
+    assert main(["sample", "--checkpoint", str(run / "checkpoint.pt"), "--num", "2", "--out", str(target)]) == 2
+    assert f"--out {target} is an existing file" in _one_error(capsys)
+    assert target.read_text() == "keep"
+
+
+def test_overwrite_removes_the_previous_runs_artefacts_and_a_crash_keeps_its_config(run, tmp_path, capsys,
+                                                                                   monkeypatch):
+    import json
+    import shutil
+
+    import models.gfdm.train as train_module
+
+    out = tmp_path / "run"
+    shutil.copytree(run, out)
+    shutil.copy(run.parent / "pristine.pt", out / "checkpoint.pt")
+    config = (out / "config.json").read_text()
+    # a new run that crashes before its first checkpoint leaves the old checkpoint's config.json beside it
+    monkeypatch.setattr(train_module, "_train_step", lambda *a: (_ for _ in ()).throw(RuntimeError("crash")))
+    with pytest.raises(RuntimeError, match="crash"):
+        main(["train", *TINY, "--steps", "3", "--batch-size", "8", "--out", str(out), "--overwrite"])
+    assert (out / "config.json").read_text() == config
+    monkeypatch.undo()
+    assert main(["train", *TINY, "--steps", "3", "--batch-size", "8", "--sample-every", "10", "--grid-steps", "2",
+                 "--sample-num", "4", "--out", str(out), "--overwrite"]) == 0
+    left = sorted(str(p.relative_to(out)) for p in out.rglob("*"))
+    assert left == ["checkpoint.pt", "config.json", "metrics.jsonl", "samples", "samples/grid-0000003.png"], left
+    assert json.loads((out / "config.json").read_text())["batch_size"] == 8
+
+
+def test_compare_refuses_finished_runs_and_bad_sample_counts_before_training(tmp_path, capsys):
+    out = tmp_path / "cmp"
+    (out / "vp").mkdir(parents=True)
+    (out / "vp" / "checkpoint.pt").write_bytes(b"a finished run")
+    argv = ["compare", "--dataset", "digits", "--threads", "1", "--no-progress", "--out", str(out),
+            "--dynamics", "vp", "fvp:H=0.9"]
+    assert main(argv) == 2
+    captured = capsys.readouterr()
+    assert "pass --reuse to continue and reuse them or --overwrite" in captured.err
+    assert "'fvp:H=0.9' gives no K; using num_processes K = 3" in captured.out
+    assert (out / "vp" / "checkpoint.pt").read_bytes() == b"a finished run"
+    assert main(argv + ["--overwrite", "--num-samples", "1"]) == 2
+    assert "--num-samples must be >= 2 (the FID needs a sample covariance); got 1" in _one_error(capsys)
+    assert sorted(p.name for p in out.iterdir()) == ["vp"]
+
+
+# ------------------------------------------------------------------------------ 6. one-line errors, not tracebacks
+@pytest.mark.parametrize("extra, message", [
+    (["--threads", "-1"], "argument --threads: must be an integer >= 1; got -1"),
+    (["--threads", "0"], "argument --threads: must be an integer >= 1; got 0"),
+])
+def test_bad_thread_counts_are_argparse_errors(extra, message, tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["train", *TINY[:-3], "--out", str(tmp_path / "run"), *extra])
+    assert e.value.code == 2 and message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--device", "tpu"], "device must be auto, cpu, cuda, cuda:N or another torch device type; got 'tpu'"),
+    (["--steps", "0"], "steps must be a positive integer; got 0"),
+    (["--time-limit", "-1"], "time_limit must be > 0 minutes (or none); got -1.0"),
+    (["--ema-halflife-kimg", "-1"], "ema_halflife_kimg must be >= 0; got -1.0"),
+    (["--t-eps", "2"], "t_eps must lie in (0, T) with T = 1; got 2.0"),
+])
+def test_bad_training_values_are_one_line_errors(extra, message, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["train", *TINY, "--steps", "2", "--out", str(out), *extra]) == 2
+    assert message in _one_error(capsys)
+    assert not out.exists()
+
+
+def test_bad_evaluate_inputs_are_one_line_errors(run, tmp_path, capsys):
+    samples = next(run.glob("samples-*/samples.npz"))
+    assert main(["evaluate", "--samples", str(samples), "--dataset", "mnist"]) == 2
+    assert "--dataset mnist does not match" in (err := _one_error(capsys)) and "holds digits images" in err
+    empty = tmp_path / "empty.npz"
+    empty.write_bytes(b"")
+    assert main(["evaluate", "--samples", str(empty)]) == 2
+    assert f"--samples {empty} cannot be read as an .npz" in _one_error(capsys)
+    assert main(["evaluate", "--checkpoint", str(run / "checkpoint.pt"), "--nll", "--nll-num", "0"]) == 2
+    assert "--nll-num must be >= 1; got 0" in _one_error(capsys)
+    bad = tmp_path / "inception.pth"
+    bad.write_bytes(b"\x80\x02 not a pickle at all")
+    assert main(["evaluate", "--samples", str(samples), "--inception", str(bad), "--out", str(tmp_path / "e.json")]) == 2
+    assert f"Inception weights {bad} cannot be read" in _one_error(capsys)
+
+
+def test_bad_checkpoint_paths_say_what_they_are(run, tmp_path, capsys):
+    import os
+
+    assert main(["sample", "--checkpoint", str(run), "--num", "2"]) == 2
+    assert f"checkpoint {run} is a folder, not a file" in _one_error(capsys)
+    noise = tmp_path / "noise.pt"
+    noise.write_bytes(os.urandom(4096))
+    assert main(["sample", "--checkpoint", str(noise), "--num", "2", "--out", str(tmp_path / "s")]) == 2
+    err = _one_error(capsys)
+    assert "cannot be read" in err and "Unsupported operand" in err
+    assert "weights_only=False" not in err and "set to `False`" not in err      # no advice to run the file's code
+
+
+def test_checkpoints_get_the_users_umask(run):
+    import os
+    import stat
+
+    mask = os.umask(0o22)
+    os.umask(mask)
+    assert stat.S_IMODE((run / "checkpoint.pt").stat().st_mode) == 0o666 & ~mask
+

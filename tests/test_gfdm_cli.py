@@ -185,6 +185,7 @@ def test_compare_prints_one_table(tmp_path, env, capsys, monkeypatch):
     table = (out / "compare.md").read_text()
     for t in (text, table):
         assert "| VP |" in t and "| FVP(H=0.9,K=3) |" in t and "offline FID" in t and "VS_p" in t
+    assert "offline FID: offline FID" not in table and "\noffline FID (features of" in table
     assert (out / "grid-vp.png").is_file() and (out / "grid-fvp-h-0-9-k-3.png").is_file()
     rows = json.loads((out / "compare.json").read_text())["rows"]
     assert [r["label"] for r in rows[:2]] == ["VP", "FVP(H=0.9,K=3)"] and all(r["step"] == 20 for r in rows[:2])

@@ -355,3 +355,4 @@ def test_gpu_check_smoke_runs_on_cpu(tmp_path, tmp_path_factory):
     assert proc.returncode == 0, proc.stderr[-3000:]
     text = (out / "results.md").read_text()
     assert "VP" in text and "FVP(H=0.9,K=3)" in text and "offline FID" in text and "img/s" in text
+    assert "nan GiB" not in text and "n/a (CPU)" in text      # no peak-memory figure on CPU, said so

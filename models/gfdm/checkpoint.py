@@ -24,7 +24,7 @@ from .precondition import make_eps_model
 from .spec import DynamicsSpec
 from .unet import UNet, UNetConfig
 
-__all__ = ["CheckpointError", "save_checkpoint", "atomic_save", "load_checkpoint", "check_state_dict", "FORMAT",
+__all__ = ["CheckpointError", "check_output_path", "save_checkpoint", "atomic_save", "load_checkpoint", "check_state_dict", "FORMAT",
            "rng_state", "set_rng_state", "load_for_sampling"]
 
 FORMAT = "fracsde-gfdm-checkpoint"
@@ -34,6 +34,25 @@ REQUIRED = ("format", "version", "unet_config", "dynamics", "dataset", "step", "
 
 class CheckpointError(RuntimeError):
     """A checkpoint could not be read, or does not fit the run that wants it."""
+
+
+def check_output_path(path, flag: str = "--out", folder: bool = True) -> Path:
+    """Refuse, before any work, an output ``path`` (a folder, or a file if not ``folder``) that cannot be written:
+    an existing file where a folder is wanted (or the reverse), or a nearest existing folder without write
+    permission (a read-only folder or file system). Returns ``path`` as a Path."""
+    path = Path(path)
+    if path.exists() and folder != path.is_dir():
+        raise FileExistsError(f"{flag} {path} is an existing {'file' if folder else 'folder'}; "
+                              f"{flag} needs a {'folder' if folder else 'file name'}")
+    base = path if folder else path.parent
+    while not base.exists() and base != base.parent:
+        base = base.parent
+    if not base.is_dir():
+        raise FileExistsError(f"{flag} {path}: {base} is a file, not a folder")
+    if not os.access(base, os.W_OK | os.X_OK) or (not folder and path.exists() and not os.access(path, os.W_OK)):
+        raise PermissionError(f"{flag} {path}: {base if not path.exists() or folder else path} is not writable "
+                              f"(permissions or a read-only file system); choose another {flag}")
+    return path
 
 
 def save_checkpoint(state: dict, path: str | os.PathLike) -> Path:
@@ -51,6 +70,7 @@ def atomic_save(state, path: str | os.PathLike) -> Path:
             torch.save(state, f)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())       # mkstemp's 0600 → the mode any new file of the user gets
         os.replace(tmp, path)
     except BaseException:
         try:
@@ -61,16 +81,35 @@ def atomic_save(state, path: str | os.PathLike) -> Path:
     return path
 
 
+def _umask() -> int:
+    mask = os.umask(0o22)
+    os.umask(mask)
+    return mask
+
+
+def unpickling_reason(e: Exception) -> str:
+    """The cause in torch's message for a file ``torch.load(weights_only=True)`` refused, without torch's advice
+    to load it with ``weights_only=False`` (which would run whatever code the file holds)."""
+    keep = []
+    for line in str(e).splitlines():
+        line = line.split("WeightsUnpickler error:")[-1].split(" Please use ")[0].strip()
+        if line and not any(w in line for w in ("weights_only", "Weights only", "Check the documentation")):
+            keep.append(line)
+    return type(e).__name__ + (f": {' '.join(keep)}" if keep else "")
+
+
 def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:
     path = Path(path)
+    if path.is_dir():
+        raise CheckpointError(f"checkpoint {path} is a folder, not a file (a run's checkpoint is "
+                              f"{path / 'checkpoint.pt'})")
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist")
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # noqa: BLE001 - torch raises many kinds for a damaged file
         raise CheckpointError(f"checkpoint {path} cannot be read (damaged, truncated, or not a plain "
-                              f"state dict loadable with weights_only=True): {type(e).__name__}: "
-                              f"{str(e).splitlines()[0] if str(e) else ''}") from None
+                              f"state dict loadable with weights_only=True): {unpickling_reason(e)}") from None
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise CheckpointError(f"{path} is not a gfdm checkpoint (missing format tag {FORMAT!r})")
     if state.get("version") != VERSION:

@@ -42,6 +42,17 @@ class _ArgError(Exception):
     pass
 
 
+def _threads(text: str) -> int:
+    """argparse type of ``--threads``: an integer >= 1."""
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1; got {text!r}") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1; got {n}")
+    return n
+
+
 def _sampler_names() -> tuple[str, ...]:
     from . import sampling
 
@@ -111,12 +122,12 @@ _COMPARE_DEFAULTS = {"preset": "digits-tiny", "steps": 1500, "lr": 1e-3}
 def _add_train_args(p, compare: bool = False):
     names = _config_names(exclude=_COMPARE_OWN if compare else ())
     groups = add_config_flags(p, names, _COMPARE_DEFAULTS if compare else None)
-    groups["run"].add_argument("--threads", type=int, default=None,
+    groups["run"].add_argument("--threads", type=_threads, default=None,
                                help="torch CPU threads (default: torch's choice)")
 
 
 def _add_data_args(p):
-    add_config_flags(p, ("dataset", "data_root", "download"))
+    add_config_flags(p, ("dataset", "data_root", "download"), {"dataset": None})   # None: the input's own
 
 
 def _add_sampler_args(g):
@@ -139,7 +150,7 @@ def _add_sampling_args(g, num: int, steps: int):
     g.add_argument("--weights", default="ema", choices=("ema", "raw"), help="EMA or raw network weights")
     g.add_argument("--seed", type=int, default=0, help="sampling seed (images do not depend on process count)")
     g.add_argument("--device", default="auto", help="auto, cpu, cuda, …")
-    g.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    g.add_argument("--threads", type=_threads, default=None, help="torch CPU threads")
     g.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="progress bar")
 
 
@@ -205,6 +216,7 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict]:
     p.add_argument("--out", default="runs/compare", help="output folder")
     p.add_argument("--reuse", action="store_true",
                    help="reuse finished runs in OUT instead of retraining (unfinished ones are resumed)")
+    p.add_argument("--overwrite", action="store_true", help="retrain runs that OUT already holds")
     _add_train_args(p, compare=True)
     g = p.add_argument_group("sampling and metrics")
     g.add_argument("--num-samples", type=int, default=500, help="samples per dynamics for FID and VS_p")
@@ -342,12 +354,14 @@ def _check_sampling_args(args):
 
 
 def _cmd_sample(args, ctx, log):
+    from .checkpoint import check_output_path
     from .generate import save_grid
     from .metrics import quantize
 
     _check_sampling_args(args)
     out = Path(args.out) if args.out else Path(args.checkpoint).parent / (
         f"samples-{args.weights}-{args.method}-{_grid_name(args)}-{args.steps}-n{args.num}-seed{args.seed}")
+    check_output_path(out, "--out")
     x, labels, state, seconds = _sample(args, ctx, log)
     if not ctx.is_main:
         return 0
@@ -367,26 +381,32 @@ def _cmd_sample(args, ctx, log):
 
 def _cmd_evaluate(args, ctx, log):
     from .data import load_dataset
-    from .checkpoint import load_for_sampling
+    from .checkpoint import check_output_path, load_checkpoint, load_for_sampling
     from .evaluate import evaluate_samples, nll_bits_per_dim
 
     state = None
+    if args.nll:
+        if args.samples:
+            raise ValueError("--nll needs --checkpoint (the network), not --samples")
+        for name in ("nll_num", "nll_steps", "nll_hutchinson"):
+            if getattr(args, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be >= 1; got {getattr(args, name)}")
     if args.samples:
-        with np.load(args.samples, allow_pickle=False) as z:
-            if "x" not in z:
-                raise ValueError(f"{args.samples} has no array 'x' (write it with gfdm sample)")
-            x = torch.from_numpy(z["x"])
-            meta = json.loads(str(z["meta"])) if "meta" in z else {}
-        dataset = meta.get("dataset") or args.dataset
+        x, meta = _read_samples(args.samples)
         seconds = None
         default_out = Path(args.samples).with_suffix(".eval.json")
+        dataset = _matching_dataset(args.dataset, meta.get("dataset"), args.samples)
+        check_output_path(Path(args.out) if args.out else default_out, "--out", folder=False)
     else:
         _check_sampling_args(args)
+        default_out = Path(args.checkpoint).parent / (f"eval-{args.weights}-{args.method}-{_grid_name(args)}-"
+                                                      f"{args.steps}-n{args.num}-seed{args.seed}.json")
+        if args.dataset:      # checked before sampling
+            _matching_dataset(args.dataset, load_checkpoint(args.checkpoint)["dataset"]["name"], args.checkpoint)
+        check_output_path(Path(args.out) if args.out else default_out, "--out", folder=False)
         args.label = None
         x, _, state, seconds = _sample(args, ctx, log)
         dataset = state["dataset"]["name"]
-        default_out = Path(args.checkpoint).parent / (f"eval-{args.weights}-{args.method}-{_grid_name(args)}-"
-                                                      f"{args.steps}-n{args.num}-seed{args.seed}.json")
     train = load_dataset(dataset, args.data_root, "train", args.download)
     test = load_dataset(dataset, args.data_root, "test", args.download)
     results = {}
@@ -396,8 +416,6 @@ def _cmd_evaluate(args, ctx, log):
         results.update({"dataset": dataset, "sampling_seconds": seconds,
                         "source": args.samples or args.checkpoint})
     if args.nll:
-        if state is None:
-            raise ValueError("--nll needs --checkpoint (the network), not --samples")
         model, dyn, _ = load_for_sampling(args.checkpoint, device=ctx.device, weights=args.weights)
         nll = nll_bits_per_dim(model, dyn, test, args.nll_num, steps=args.nll_steps,
                                hutchinson_samples=args.nll_hutchinson, seed=args.seed, ctx=ctx,
@@ -421,6 +439,47 @@ def _cmd_evaluate(args, ctx, log):
     return 0
 
 
+def _read_samples(path) -> tuple[torch.Tensor, dict]:
+    """(x, meta) of an .npz written by ``gfdm sample``; a clear error for anything else."""
+    import zipfile
+
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"--samples {p} " + ("is a folder, not an .npz file" if p.is_dir()
+                                                      else "does not exist"))
+    try:
+        with np.load(p, allow_pickle=False) as z:
+            if "x" not in z:
+                raise ValueError(f"--samples {p} has no array 'x' (write it with gfdm sample)")
+            x = torch.from_numpy(z["x"])
+            meta = json.loads(str(z["meta"])) if "meta" in z else {}
+    except (EOFError, OSError, zipfile.BadZipFile, json.JSONDecodeError) as e:
+        raise ValueError(f"--samples {p} cannot be read as an .npz of gfdm samples (empty or damaged: "
+                         f"{type(e).__name__}: {e})") from None
+    return x, meta
+
+
+def _matching_dataset(flag: str | None, recorded: str | None, source) -> str:
+    """The dataset to evaluate against: the one ``source`` records, which ``--dataset`` may repeat but not contradict."""
+    if flag and recorded and flag != recorded:
+        raise ValueError(f"--dataset {flag} does not match {source}, which holds {recorded} images; drop --dataset "
+                         f"or pass --dataset {recorded}")
+    return recorded or flag or "digits"
+
+
+def _note_default_processes(texts, log) -> None:
+    """Say which K a fractional spec without K gets (the default of --num-processes)."""
+    from .spec import DynamicsSpec
+
+    for text in texts:
+        dyn_text = text.partition("@")[0]
+        family, _, arg = dyn_text.partition(":")
+        given = {part.partition("=")[0].strip() for part in arg.split(",") if part.strip()}
+        if DynamicsSpec.parse(dyn_text).fractional and not given & {"K", "num_processes"}:
+            log(f"note: {text!r} gives no K; using num_processes K = "
+                f"{DynamicsSpec.parse(dyn_text).kwargs['num_processes']} (the default)")
+
+
 def _cmd_compare(args, log):
     from .compare import compare
     from .spec import RunSpec
@@ -428,11 +487,12 @@ def _cmd_compare(args, log):
     specs = [RunSpec.parse(text) for text in args.dynamics]
     if len({spec.slug for spec in specs}) != len(specs):
         raise ValueError(f"--dynamics lists the same dynamics twice: {args.dynamics}")
+    _note_default_processes(args.dynamics, log)
     base = _train_config(args, exclude=_COMPARE_OWN, out=args.out)
     t0 = time.perf_counter()
     res = compare(specs, base, args.out, num_samples=args.num_samples, sample_steps=args.sample_steps,
                   method=args.method, grid=args.grid, sample_batch=args.sample_batch, inception=args.inception,
-                  cache_dir=args.cache_dir, reuse=args.reuse, log=log)
+                  cache_dir=args.cache_dir, reuse=args.reuse, overwrite=args.overwrite, log=log)
     if res:
         log("")
         log(res["table"])
@@ -463,7 +523,8 @@ def main(argv=None) -> int:
         if args.command == "sample":
             return _cmd_sample(args, ctx, log)
         return _cmd_evaluate(args, ctx, log)
-    except (CheckpointError, DatasetNotFoundError, FileExistsError, ValueError, FileNotFoundError) as e:
+    except (CheckpointError, DatasetNotFoundError, FileExistsError, ValueError, FileNotFoundError,
+            PermissionError) as e:
         print(f"gfdm {args.command}: error: {e}", file=sys.stderr, flush=True)
         return 2
     finally:

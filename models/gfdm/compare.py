@@ -6,7 +6,7 @@ import time
 from pathlib import Path
 
 from . import distributed
-from .checkpoint import load_for_sampling
+from .checkpoint import check_output_path, load_for_sampling
 from .config import TrainConfig
 from .data import load_dataset
 from .evaluate import evaluate_samples
@@ -35,18 +35,32 @@ def format_table(rows: list[dict], fid_header: str) -> str:
 
 def compare(specs: list[RunSpec], base: TrainConfig, out, *, num_samples: int = 500,
             sample_steps: int = 200, method: str = "sde", sample_batch: int = 500, inception=None, grid=None,
-            cache_dir=None, reuse: bool = False, log=print) -> dict:
+            cache_dir=None, reuse: bool = False, overwrite: bool = False, log=print) -> dict:
     """Train each run (a dynamics and its recipe) with ``base``'s budget, sample with EMA weights and shared seeds,
-    evaluate."""
+    evaluate. Runs already in ``out`` are continued and reused (``reuse``), retrained (``overwrite``), or, with
+    neither, refused before any work."""
+    if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 2:
+        raise ValueError(f"--num-samples must be >= 2 (the FID needs a sample covariance); got {num_samples!r}")
+    for name, v in (("--sample-steps", sample_steps), ("--sample-batch", sample_batch)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ValueError(f"{name} must be >= 1; got {v!r}")
+    if reuse and overwrite:
+        raise ValueError("--reuse and --overwrite exclude each other")
+    specs = [spec if isinstance(spec, RunSpec) else RunSpec(spec) for spec in specs]
+    out = check_output_path(out, "--out")
+    finished = [str(out / spec.slug / "checkpoint.pt") for spec in specs
+                if (out / spec.slug / "checkpoint.pt").exists()]
+    if finished and not (reuse or overwrite):
+        raise FileExistsError(f"{out} already holds runs ({', '.join(finished)}); pass --reuse to continue and "
+                              f"reuse them or --overwrite to retrain them")
     ctx = distributed.init(base.device)
-    out = Path(out)
     train_data = load_dataset(base.dataset, base.data_root, "train", base.download)
     test_data = load_dataset(base.dataset, base.data_root, "test", base.download)
     rows = []
     for spec in specs:
-        spec = spec if isinstance(spec, RunSpec) else RunSpec(spec)
-        cfg = base.with_dynamics(spec.dynamics, out=str(out / spec.slug), resume="auto" if reuse else None,
-                                 overwrite=not reuse, **spec.recipe)
+        exists = (out / spec.slug / "checkpoint.pt").exists()
+        cfg = base.with_dynamics(spec.dynamics, out=str(out / spec.slug), resume="auto" if reuse and exists else None,
+                                 overwrite=overwrite, **spec.recipe)
         result = train(cfg, log=log)
         if result["stopped"]:      # SIGTERM / Ctrl-C / time limit: stop the whole comparison, resumable
             log(f"compare stopped during {spec.label} ({result['stopped']}); rerun with --reuse to continue")
@@ -82,7 +96,7 @@ def compare(specs: list[RunSpec], base: TrainConfig, out, *, num_samples: int = 
             f"{sample_steps} {method.upper()} steps, EMA weights. ± is the bootstrap standard deviation of the "
             f"FID over resamplings of the samples: a rough, usually pessimistic gauge of its sampling noise "
             f"(training noise is not included).\n\n"
-            f"{table}\n\n{fid_header}: {note}.\n")
+            f"{table}\n\n{note}.\n")   # the label names the kind of FID itself
     out.mkdir(parents=True, exist_ok=True)
     (out / "compare.md").write_text(text)
     (out / "compare.json").write_text(json.dumps({"rows": rows, "fid_label": note}, indent=2, default=str))

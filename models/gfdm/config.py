@@ -132,13 +132,16 @@ class TrainConfig:
         for name in ("batch_size", "steps", "grad_accum", "log_every", "ckpt_every", "sample_every",
                      "sample_num", "grid_steps"):
             v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < (0 if name == "steps" else 1):
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"{name} must be a positive integer; got {v!r}")
         for name in ("lr", "t_eps"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be > 0; got {getattr(self, name)}")
-        if self.grad_clip < 0 or self.ema_halflife_kimg < 0 or self.lr_warmup < 0:
-            raise ValueError("grad_clip, ema_halflife_kimg and lr_warmup must be >= 0")
+        for name in ("grad_clip", "ema_halflife_kimg", "lr_warmup"):
+            if not getattr(self, name) >= 0:
+                raise ValueError(f"{name} must be >= 0; got {getattr(self, name)}")
+        if self.time_limit is not None and not self.time_limit > 0:
+            raise ValueError(f"time_limit must be > 0 minutes (or none); got {self.time_limit}")
 
     def dynamics_spec(self) -> DynamicsSpec:
         """The dynamics this run trains: ``dynamics`` with H and K from ``hurst`` and ``num_processes``."""

@@ -28,6 +28,10 @@ def evaluate_samples(samples: torch.Tensor, train: ImageDataset, test: ImageData
     """FID against the training data and VS_p of ``samples`` (n, C, H, W) in [−1, 1]."""
     if tuple(samples.shape[1:]) != train.shape:
         raise ValueError(f"samples have shape {tuple(samples.shape[1:])}, {train.name} images {train.shape}")
+    finite = torch.isfinite(samples.reshape(samples.shape[0], -1)).all(1)
+    if not bool(finite.all()):        # quantize would turn NaN into pixels and the FID into a number
+        raise ValueError(f"samples must be finite; {int((~finite).sum())} of {samples.shape[0]} images hold NaN or "
+                         f"infinity (the sampler diverged); nothing was evaluated")
     samples = quantize(samples)        # metrics see the 8-bit pixels a PNG of the samples holds
     extractor = feature_extractor(train, test, inception=inception, device=device, cache_dir=cache_dir,
                                   log=log)

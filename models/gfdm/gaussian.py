@@ -30,6 +30,9 @@ class GaussianEpsModel:
     """ε*(u, t) for x_0 ~ N(mean, std²) per coordinate (mean, std: floats or tensors broadcastable to x)."""
 
     def __init__(self, dynamics: LinearFractionalDynamics, mean=0.0, std=1.0):
+        sd = torch.as_tensor(std, dtype=torch.float64)
+        if not bool((sd > 0).all()) or not bool(torch.isfinite(sd).all()):
+            raise ValueError(f"std must be > 0 and finite (every entry); got {std!r}")
         self.dynamics, self.mean, self.std = dynamics, mean, std
 
     def __call__(self, u: torch.Tensor, t: torch.Tensor, **_) -> torch.Tensor:
@@ -55,6 +58,10 @@ class GaussianMixtureEpsModel:
         self.means = torch.as_tensor(means, dtype=torch.float64)          # (M, d)
         self.stds = torch.as_tensor(stds, dtype=torch.float64).reshape(-1)  # (M,)
         w = torch.as_tensor(weights, dtype=torch.float64).reshape(-1)
+        if not bool((w >= 0).all()) or not bool(torch.isfinite(w).all()) or not float(w.sum()) > 0:
+            raise ValueError(f"weights must be >= 0, finite and not all 0; got {w.tolist()}")
+        if not bool((self.stds > 0).all()) or not bool(torch.isfinite(self.stds).all()):
+            raise ValueError(f"stds must be > 0 and finite; got {self.stds.tolist()}")
         self.log_weights = torch.log(w / w.sum())
 
     def __call__(self, u: torch.Tensor, t: torch.Tensor, **_) -> torch.Tensor:

@@ -115,6 +115,10 @@ class _ProbabilityFlow:
             eps = self.eps_model(u, t.to(dtype).expand(batch), **self.model_kwargs)
             if eps.shape != u.shape:
                 raise ValueError(f"eps_model must return the input's shape {tuple(u.shape)}; got {tuple(eps.shape)}")
+            if not eps.requires_grad:
+                raise ValueError("eps_model's output carries no autograd graph to its input u (it ignores u, or "
+                                 "runs under torch.no_grad / detaches); the likelihood needs div_u eps, so the "
+                                 "eps-model must be differentiable in u")
             div = divergence(eps, u, self.probes)
         drift = mu * u.detach() + a * eps.detach()
         return drift, d * mu + a * div.detach()

@@ -20,13 +20,17 @@ from .time_sampling import time_sampler
 __all__ = ["score_matching_loss", "perturb", "check_data", "check_t_eps"]
 
 
-def check_data(x0) -> None:
-    """Require a floating-point data batch ``(batch, *data_shape)`` with batch ≥ 1."""
+def check_data(x0, finite: bool = True) -> None:
+    """Require a floating-point data batch ``(batch, *data_shape)`` with batch ≥ 1, and (``finite``) no NaN or
+    infinity in it — one reduction and one host synchronisation."""
     if not isinstance(x0, torch.Tensor) or not x0.is_floating_point():
         raise TypeError(f"x0 must be a floating-point tensor of shape (batch, *data_shape); got {type(x0).__name__}"
                         + (f" of dtype {x0.dtype}" if isinstance(x0, torch.Tensor) else ""))
     if x0.dim() < 1 or x0.shape[0] < 1:
         raise ValueError(f"x0 must have shape (batch, *data_shape) with batch >= 1; got {tuple(x0.shape)}")
+    if finite and not bool(torch.isfinite(x0).all()):
+        bad = int((~torch.isfinite(x0)).reshape(x0.shape[0], -1).any(1).sum())
+        raise ValueError(f"x0 must be finite; {bad} of its {x0.shape[0]} samples hold NaN or infinity")
 
 
 def check_t_eps(t_eps: float, horizon: float) -> float:
@@ -50,7 +54,7 @@ def perturb(dynamics: LinearFractionalDynamics, x0: torch.Tensor, t: torch.Tenso
 def score_matching_loss(eps_model: Callable, dynamics: LinearFractionalDynamics, x0: torch.Tensor,
                         t_eps: float = 1e-5, generator: Optional[torch.Generator] = None,
                         model_kwargs: Optional[dict] = None, reduction: str = "mean",
-                        time_sampling="uniform") -> torch.Tensor:
+                        time_sampling="uniform", check_finite: bool = True) -> torch.Tensor:
     """Mean (over batch and coordinates) of w(t)‖ε_θ(u, t) − ε‖², t ~ ``time_sampling``, u = c x_0 + σ̃ ε.
 
     ``eps_model(u, t, **model_kwargs)`` gets u of x0's shape and t of shape (batch,) in x0's dtype. If it has a
@@ -58,9 +62,11 @@ def score_matching_loss(eps_model: Callable, dynamics: LinearFractionalDynamics,
     ``time_sampling``: ``"uniform"`` (t ~ U(t_eps, T), the paper's; default), ``"log-snr[:LO,HI]"``, ``"edm"``,
     ``"like:SPEC"`` or a :class:`models.gfdm.time_sampling.TimeSampler` — see that module for the λ-weighting
     each one optimises. Times whose noise σ̃ would be rounded away in x0's dtype are never drawn.
-    ``reduction="none"`` returns the per-sample loss (batch,). No host synchronisation.
+    ``reduction="none"`` returns the per-sample loss (batch,). ``check_finite``: refuse an x0 holding NaN or
+    infinity (one host synchronisation; the training loop, whose 8-bit images are finite by construction,
+    turns it off and then has no host synchronisation here).
     """
-    check_data(x0)
+    check_data(x0, finite=check_finite)
     t_eps = check_t_eps(t_eps, dynamics.horizon)
     if reduction not in ("mean", "none"):
         raise ValueError(f"reduction must be 'mean' or 'none'; got {reduction!r}")

@@ -27,12 +27,13 @@ from torch import nn
 import models.gfdm as core  # the GFDM core (dynamics, loss, samplers); attribute access at call time
 
 from . import distributed
-from .checkpoint import (CheckpointError, check_state_dict, load_checkpoint, rng_state, save_checkpoint,
-                         set_rng_state)
+from .checkpoint import (CheckpointError, check_output_path, check_state_dict, load_checkpoint, rng_state,
+                         save_checkpoint, set_rng_state)
 from .config import IDENTITY_KEYS, TrainConfig
 from .data import BatchStream, ImageDataset, load_dataset
 from .ema import EMA
 from .generate import class_labels, derive_seed, generate, save_grid
+from .loss import check_t_eps
 from .spec import DynamicsSpec
 from .precondition import make_eps_model
 from .time_sampling import TimeSampler
@@ -111,6 +112,7 @@ def _setup(cfg: TrainConfig) -> _Run:
     torch.manual_seed(cfg.seed)
     model = UNet(ucfg).to(ctx.device)
     dyn = cfg.dynamics_spec().build().to(ctx.device)
+    check_t_eps(cfg.t_eps, dyn.horizon)
     spec = DynamicsSpec.from_dynamics(dyn)
     time_sampler = TimeSampler(dyn, cfg.time_sampling, cfg.t_eps, torch.float32)   # a bad λ range fails here
     return _Run(cfg=cfg, ctx=ctx, use_amp=use_amp, shards=shards, out=Path(cfg.out), data=data,
@@ -121,18 +123,22 @@ def _setup(cfg: TrainConfig) -> _Run:
 
 
 # ----------------------------------------------------------------------------------------------- resume
-def _resume_path(run: _Run, log) -> Path | None:
-    """The checkpoint to continue from (None: start at step 0); refuses to overwrite a run by accident."""
-    cfg, ckpt_path = run.cfg, run.ckpt_path
+def _resume_path(cfg: TrainConfig) -> Path | None:
+    """The checkpoint to continue from (None: start at step 0), checked before any work: the output folder must
+    be writable, a run is never overwritten by accident, and an explicit ``--resume`` needs its checkpoint."""
+    out = check_output_path(cfg.out, "--out")
+    ckpt_path = out / "checkpoint.pt"
     if not cfg.resume:
         if ckpt_path.exists() and not cfg.overwrite:
             raise FileExistsError(f"{ckpt_path} exists; pass --resume to continue that run or --overwrite "
-                                  f"to start over in {run.out}")
+                                  f"to start over in {out}")
         return None
-    if cfg.resume == "auto" and not ckpt_path.exists():
-        log(f"--resume: no checkpoint at {ckpt_path}; starting from step 0")
-        return None
-    return ckpt_path if cfg.resume == "auto" else Path(cfg.resume)
+    path = ckpt_path if cfg.resume == "auto" else Path(cfg.resume)
+    if not path.is_file():
+        where = "no checkpoint at" if not path.exists() else "a folder, not a checkpoint file:"
+        raise FileNotFoundError(f"--resume: {where} {path}; nothing to continue (leave out --resume to start "
+                                f"a new run, or pass --resume CHECKPOINT)")
+    return path
 
 
 def _check_resume(state: dict, run: _Run, path) -> None:
@@ -207,16 +213,40 @@ def _truncate_jsonl(path: Path, step: int) -> None:
     os.replace(tmp, path)
 
 
+#: what gfdm writes into a run folder besides checkpoint.pt and config.json (relative glob patterns); a new run
+#: in the folder (--overwrite) removes these of the previous run, and nothing else
+_RUN_ARTEFACTS = ("metrics.jsonl", "samples/grid-*.png", "eval-*.json", "samples-*/grid.png", "samples-*/samples.npz",
+                  "samples-*/samples.eval.json")
+
+
+def _remove_previous_artefacts(out: Path) -> None:
+    for pattern in _RUN_ARTEFACTS:
+        for path in out.glob(pattern):
+            if path.is_file():
+                path.unlink()
+    for folder in [out / "samples", *out.glob("samples-*")]:
+        if folder.is_dir() and not any(folder.iterdir()):
+            folder.rmdir()
+
+
+def _write_config(run: _Run) -> None:
+    """config.json beside the checkpoint; written after each checkpoint (atomically), so the two always match."""
+    path = run.out / "config.json"
+    tmp = path.with_name(".config.json.tmp")
+    tmp.write_text(json.dumps({**run.cfg.to_dict(), "unet": run.unet_config.to_dict(),
+                               "world_size": run.ctx.world_size}, indent=2))
+    os.replace(tmp, path)
+
+
 def _prepare_output(run: _Run, resumed: bool, log) -> Path:
-    """config.json, the metrics log (cut back to the checkpoint, or new) and the opening log line."""
+    """The folder, the metrics log (cut back to the checkpoint, or new: a previous run's artefacts are removed;
+    its checkpoint and config.json stay until this run's first checkpoint replaces them) and the opening log line."""
     cfg, out, metrics_path = run.cfg, run.out, run.out / "metrics.jsonl"
     out.mkdir(parents=True, exist_ok=True)
-    (out / "config.json").write_text(json.dumps({**cfg.to_dict(), "unet": run.unet_config.to_dict(),
-                                                 "world_size": run.ctx.world_size}, indent=2))
     if resumed:
         _truncate_jsonl(metrics_path, run.step)
-    elif metrics_path.exists():
-        metrics_path.unlink()
+    else:
+        _remove_previous_artefacts(out)
     nparams = sum(p.numel() for p in run.model.parameters())
     log(f"training {run.label} on {run.data.name} ({len(run.data)} images {run.data.shape}), U-Net {cfg.preset} "
         f"{nparams / 1e6:.2f}M params, batch {cfg.batch_size} on {run.ctx.world_size} × {run.ctx.device}"
@@ -242,7 +272,8 @@ def _train_step(run: _Run, net: nn.Module, eps_model, loss_sum: torch.Tensor) ->
         last = not ctx.distributed or micro == cfg.grad_accum - 1
         with nullcontext() if last else net.no_sync():                   # all-reduce on the last shard only
             loss = core.score_matching_loss(eps_model, run.dyn, x, t_eps=cfg.t_eps, generator=noise_gen,
-                                            model_kwargs=model_kwargs, time_sampling=run.time_sampler)
+                                            model_kwargs=model_kwargs, time_sampling=run.time_sampler,
+                                            check_finite=False)       # 8-bit images: finite, no host sync
             (loss / cfg.grad_accum).backward()
         loss_sum += loss.detach()
     if cfg.grad_clip > 0:
@@ -324,9 +355,9 @@ def train(cfg: TrainConfig, log=print) -> dict:
     trained network and its EMA copy under ``"model"`` and ``"ema"``."""
     from tqdm.auto import tqdm
 
+    resume_path = _resume_path(cfg)
     run = _setup(cfg)
     ctx = run.ctx
-    resume_path = _resume_path(run, log)
     if resume_path is not None:
         _resume(run, resume_path, log)
     net = run.model
@@ -367,6 +398,7 @@ def train(cfg: TrainConfig, log=print) -> dict:
                     metrics_file.flush()
                 if ctx.is_main and (step % cfg.ckpt_every == 0 or step == cfg.steps or stopped):
                     save_checkpoint(_checkpoint_state(run), run.ckpt_path)
+                    _write_config(run)
                 if stopped:
                     break
     finally:

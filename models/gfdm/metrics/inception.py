@@ -195,9 +195,19 @@ class InceptionFeatures:
         if self.torchscript:
             with warnings.catch_warnings():   # torch >= 2.10 marks TorchScript deprecated; it still loads
                 warnings.simplefilter("ignore", DeprecationWarning)
-                self.net = torch.jit.load(str(self.path), map_location=self.device).eval()
+                try:
+                    self.net = torch.jit.load(str(self.path), map_location=self.device).eval()
+                except RuntimeError as e:
+                    raise ValueError(f"Inception weights {self.path} cannot be loaded as TorchScript: "
+                                     f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
         else:
-            state = torch.load(self.path, map_location="cpu", weights_only=True)
+            try:
+                state = torch.load(self.path, map_location="cpu", weights_only=True)
+            except Exception as e:  # noqa: BLE001 - torch raises many kinds for a damaged file
+                from ..checkpoint import unpickling_reason
+
+                raise ValueError(f"Inception weights {self.path} cannot be read (damaged, or neither a TorchScript "
+                                 f"file nor a state dict): {unpickling_reason(e)}") from None
             if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
                 state = state["state_dict"]
             if not isinstance(state, dict):
