@@ -58,8 +58,8 @@ __all__ = ["Schedule", "VPSchedule", "VESchedule", "LinearFractionalDynamics", "
 _EPS = float(np.finfo(np.float64).eps)
 # The QR determines σ̃ to about _EPS·‖R‖; below this relative accuracy the power-law continuation takes over.
 _CONTINUATION_TOL = 1e-7
-#: largest γ_max·T accepted: the Lyapunov solve's cost grows linearly in it (~5 s at 2e4 with K = 1, measured;
-#: γ_max·T = 2e7 ran for hours), and from K = 2 on the tables stop resolving far below it anyway
+#: largest max(γ_max, |μ|)·T accepted: the Lyapunov solve's cost grows linearly in it (~5 s at 2e4 with K = 1,
+#: measured; 2e7 ran for hours), and from K = 2 on the tables stop resolving far below it anyway
 _MAX_RATE_HORIZON = 2e4
 #: PriorMismatchWarning above this terminal log-SNR λ(T) (the prior then ignores a signal of e^{λ(T)/2} ≳ 8 %)
 PRIOR_MISMATCH_LOG_SNR = -5.0
@@ -368,10 +368,14 @@ def _lyapunov_covariance(schedule: Schedule, gammas: np.ndarray, weights: np.nda
                          rtol: float = 1e-11) -> np.ndarray:
     """Σ(t) (standard basis, (len(ts), K+1, K+1)) from Σ' = FΣ + ΣFᵀ + GGᵀ, Σ(0) = 0, solved once (DOP853)."""
     n = gammas.size + 1
-    if gammas.size and float(gammas.max()) * float(ts[-1]) > _MAX_RATE_HORIZON:
-        raise ValueError(f"gamma_max·T = {float(gammas.max()) * float(ts[-1]):g} (largest OU rate × horizon T = "
-                         f"{float(ts[-1]):g}) exceeds {_MAX_RATE_HORIZON:g}, beyond which the covariance (Lyapunov) "
-                         f"solve does not finish in reasonable time; use a smaller gamma_max or a shorter horizon T")
+    T = float(ts[-1])
+    mu_max = float(schedule.mu(torch.from_numpy(ts)).abs().max())
+    rate = max(float(gammas.max()) if gammas.size else 0.0, mu_max)     # the stiffness of the Lyapunov ODE
+    if rate * T > _MAX_RATE_HORIZON:
+        raise ValueError(f"max(gamma_max, max|mu|)·T = {rate * T:g} (gamma_max = {float(gammas.max()) if gammas.size else 0:g}, "
+                         f"max|mu(t)| = {mu_max:g} of the schedule, horizon T = {T:g}) exceeds {_MAX_RATE_HORIZON:g}, "
+                         f"beyond which the covariance (Lyapunov) solve does not finish in reasonable time; use a "
+                         f"smaller gamma_max, beta_max or horizon T")
     # F and G are affine in (μ, g): F = μ F_μ + g F_g + F_0, G = g G_g + G_0, with the pieces taken once from
     # augmented_system (the right-hand side runs thousands of times, in numpy; the splitting is exact)
     pieces = [augmented_system(torch.tensor(mu, dtype=torch.float64), torch.tensor(g, dtype=torch.float64),

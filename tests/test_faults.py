@@ -49,7 +49,7 @@ def test_fractional_dynamics_refuse_a_rate_horizon_the_covariance_solve_cannot_f
 
     from fracsde.linear import VPSchedule, augmented_covariance
 
-    with pytest.raises(ValueError, match=r"gamma_max·T = 2e\+07 .* exceeds 20000"):
+    with pytest.raises(ValueError, match=r"max\(gamma_max, max\|mu\|\)·T = 2e\+07 .* exceeds 20000"):
         augmented_covariance(VPSchedule(horizon=1e6), np.array([0.05, 1.0, 20.0]), np.ones(3), np.array([1e6]))
 
 
@@ -287,3 +287,10 @@ def test_checkpoints_get_the_users_umask(run):
     os.umask(mask)
     assert stat.S_IMODE((run / "checkpoint.pt").stat().st_mode) == 0o666 & ~mask
 
+
+
+def test_a_long_horizon_is_refused_before_the_covariance_solve_hangs():
+    from models.gfdm import FVP
+
+    with pytest.raises(ValueError, match=r"max\|mu\(t\)\| = 10 .* horizon T = 1e\+06\) exceeds 20000"):
+        FVP(0.9, 3, T=1e6)
