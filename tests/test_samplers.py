@@ -129,3 +129,12 @@ def test_every_registered_sampler_runs_and_counts_its_evaluations():
         calls.clear()
         x = sample(model, dyn, (4, 1), steps=9, method=name)
         assert x.shape == (4, 1) and bool(torch.isfinite(x).all()) and len(calls) == 9, (name, len(calls))
+
+
+@pytest.mark.parametrize("method", ["sde", "dpm++2m"])
+def test_a_nan_eps_model_is_reported_not_returned(method):
+    from fracsde import NonFiniteStateError
+    dyn = FVP(0.9, 2)
+    nan_model = lambda u, t, **kw: torch.full_like(u, float("nan"))    # noqa: E731
+    with pytest.raises(NonFiniteStateError, match="not finite at the end of sampling"):
+        sample(nan_model, dyn, (4, 1), steps=5, method=method)

@@ -25,6 +25,7 @@ import torch
 
 from fracsde.linear import LinearFractionalDynamics
 from fracsde.numerics import check_shape
+from fracsde.sde import NonFiniteStateError
 
 from . import fast_samplers as fast
 from fracsde.reverse import ReverseTimeSDE, euler_maruyama, sample_innovation
@@ -278,7 +279,7 @@ def _sample(eps_model, dyn, shape, steps, method, t_end, generator, device, dtyp
             u, y_newton = SAMPLERS[method](checked, dyn, u, y_newton, ts, generator=generator, model_kwargs=kw,
                                            progress=False)
             if info.denoises:
-                return u
+                return _finite(u, method, float(ts[-1]))
             eta_end = dyn.coefficients(ts[-1])["eta_newton"].to(dtype)
             x = u + (y_newton * eta_end).sum(-1) if K else u
             y = dyn.from_newton(y_newton)
@@ -292,7 +293,17 @@ def _sample(eps_model, dyn, shape, steps, method, t_end, generator, device, dtyp
     finally:
         if bar is not None and progress is True:
             bar.close()
+    _finite(x, method, float(ts[-1]))
     return (x, y) if return_augmented else x
+
+
+def _finite(x, method, t_last):
+    """One host sync at the end of sampling: a sampler that produced NaN/inf says so instead of returning it."""
+    if not bool(torch.isfinite(x).all()):
+        bad = int((~torch.isfinite(x.reshape(x.shape[0], -1))).any(1).sum())
+        raise NonFiniteStateError(f"{method} sampler: the state is not finite at the end of sampling (t = {t_last:g}); "
+                                  f"{bad} of {x.shape[0]} samples hold NaN/inf — check the eps_model's output")
+    return x
 
 
 def _progress_bar(progress, total: int, method: str):
