@@ -210,7 +210,8 @@ def sampling_grid(dynamics: LinearFractionalDynamics, method: str, steps: Option
 def sample(eps_model: Callable, dyn: LinearFractionalDynamics, shape, steps: Optional[int] = 1000,
            method: str = "sde", t_end: float = 1e-3, generator: Optional[torch.Generator] = None, device=None,
            dtype: torch.dtype = torch.float32, model_kwargs: Optional[dict] = None, progress=False,
-           init=None, coordinates: str = "innovation", return_augmented: bool = False, grid=None):
+           init=None, coordinates: str = "innovation", return_augmented: bool = False, grid=None,
+           check_finite: bool = True):
     """Draw samples of shape ``shape`` = (batch, *data_shape) from the model defined by ``eps_model``.
 
     Args:
@@ -230,13 +231,18 @@ def sample(eps_model: Callable, dyn: LinearFractionalDynamics, shape, steps: Opt
             K ≥ 3 near t = 0, kept for comparison).
         progress: a progress bar counting network evaluations (True), or an object with ``update(n)`` to advance.
         return_augmented: also return y at the last time (standard basis; not for denoising samplers).
+        check_finite: raise ``NonFiniteStateError`` if the result holds NaN/inf (one host sync at the end);
+            ``False`` to inspect a diverging sampler (e.g. plain Euler on the augmented state).
     Runs under ``torch.no_grad()``. Streaming: memory independent of ``steps``; no per-step host sync.
     Returns:
         x at the last time, of ``shape`` (and y when ``return_augmented``).
     """
     with torch.no_grad():                     # a sampler never needs the autograd graph of 1000 steps
-        return _sample(eps_model, dyn, shape, steps, method, t_end, generator, device, dtype, model_kwargs,
-                       progress, init, coordinates, return_augmented, grid)
+        x = _sample(eps_model, dyn, shape, steps, method, t_end, generator, device, dtype, model_kwargs,
+                    progress, init, coordinates, return_augmented, grid)
+    if check_finite:
+        _finite(x[0] if return_augmented else x, method, t_end)
+    return x
 
 
 def _sample(eps_model, dyn, shape, steps, method, t_end, generator, device, dtype, model_kwargs, progress, init,
@@ -279,7 +285,7 @@ def _sample(eps_model, dyn, shape, steps, method, t_end, generator, device, dtyp
             u, y_newton = SAMPLERS[method](checked, dyn, u, y_newton, ts, generator=generator, model_kwargs=kw,
                                            progress=False)
             if info.denoises:
-                return _finite(u, method, float(ts[-1]))
+                return u
             eta_end = dyn.coefficients(ts[-1])["eta_newton"].to(dtype)
             x = u + (y_newton * eta_end).sum(-1) if K else u
             y = dyn.from_newton(y_newton)
@@ -293,16 +299,16 @@ def _sample(eps_model, dyn, shape, steps, method, t_end, generator, device, dtyp
     finally:
         if bar is not None and progress is True:
             bar.close()
-    _finite(x, method, float(ts[-1]))
     return (x, y) if return_augmented else x
 
 
-def _finite(x, method, t_last):
+def _finite(x, method, t_end):
     """One host sync at the end of sampling: a sampler that produced NaN/inf says so instead of returning it."""
     if not bool(torch.isfinite(x).all()):
         bad = int((~torch.isfinite(x.reshape(x.shape[0], -1))).any(1).sum())
-        raise NonFiniteStateError(f"{method} sampler: the state is not finite at the end of sampling (t = {t_last:g}); "
-                                  f"{bad} of {x.shape[0]} samples hold NaN/inf — check the eps_model's output")
+        raise NonFiniteStateError(f"{method} sampler: the state is not finite at the end of sampling (towards "
+                                  f"t_end = {t_end:g}); {bad} of {x.shape[0]} samples hold NaN/inf — check the "
+                                  f"eps_model's output (check_finite=False returns them)")
     return x
 
 
