@@ -165,7 +165,7 @@ def test_stable_sampler_against_plain_euler_on_the_augmented_state():
         gen = torch.Generator().manual_seed(K)
         x_T, y_T = _terminal_draw(dyn, mean, std, n, gen, dtype=torch.float32)
         plain = sample(exact, dyn, (n, 1), steps=500, method=method, generator=gen, init=(x_T, y_T),
-                       coordinates="augmented")
+                       coordinates="augmented", check_finite=False)          # its divergence is the point
         stable = sample(exact, dyn, (n, 1), steps=500, method=method, generator=gen, init=(x_T, y_T))
         _assert_matches(stable, mean, std, z, f"stable K={K}")
         off = (not bool(torch.isfinite(plain).all())) or abs(float(plain.std()) - std) > z * std / math.sqrt(2 * n)
