@@ -59,3 +59,21 @@ def test_run_spec_parses_labels_and_round_trips():
     assert RunSpec.parse("vp") == RunSpec(DynamicsSpec.parse("vp"))
     with pytest.raises(ValueError, match="keys in"):
         RunSpec.parse("vp@lr=3")
+
+
+def test_resume_takes_the_runs_settings_from_its_checkpoint(tmp_path, capsys):
+    out = tmp_path / "run"
+    base = ["--preset", "digits-tiny", "--batch-size", "16", "--log-every", "1", "--ckpt-every", "1",
+            "--sample-every", "100", "--threads", "1", "--no-progress"]
+    assert gfdm(["train", "--out", str(out), "--steps", "2", "--lr", "3e-3", "--t-eps", "1e-4",
+                 "--time-sampling", "edm", *base]) == 0
+    # only --steps is repeated: lr, t_eps and time_sampling come from the checkpoint
+    assert gfdm(["train", "--out", str(out), "--resume", "--steps", "3", "--threads", "1", "--no-progress"]) == 0
+    state = torch.load(out / "checkpoint.pt", weights_only=True)
+    assert state["step"] == 3 and state["config"]["lr"] == 3e-3 and state["config"]["time_sampling"] == "edm"
+    assert "settings from" in capsys.readouterr().out
+    # a changed identity setting is refused, named
+    code = gfdm(["train", "--out", str(out), "--resume", "--steps", "4", "--lr", "1e-2", "--threads", "1",
+                 "--no-progress"])
+    assert code != 0 and "lr" in capsys.readouterr().err
+    assert torch.load(out / "checkpoint.pt", weights_only=True)["step"] == 3

@@ -312,10 +312,29 @@ def _train_config(args, exclude=(), **extra):
     return TrainConfig(**{**{name: getattr(args, name) for name in _config_names(exclude)}, **extra})
 
 
+def _resumed_config(args, log):
+    """With ``--resume``: the run's own settings from its checkpoint, and on top only the flags that were changed
+    from their defaults (an identity setting that differs is then refused by ``train``, naming it)."""
+    from .checkpoint import load_checkpoint
+    from .config import TrainConfig
+
+    path = Path(args.out) / "checkpoint.pt" if args.resume == "auto" else Path(args.resume)
+    if not path.is_file():
+        return None                     # train() refuses a missing checkpoint with its own message
+    saved = load_checkpoint(path).get("config")
+    if not isinstance(saved, dict):
+        return None
+    defaults = TrainConfig.defaults()
+    given = {name: getattr(args, name) for name in _config_names() if getattr(args, name) != defaults[name]}
+    values = {**TrainConfig.from_dict(saved).to_dict(), **given, "out": args.out, "resume": args.resume}
+    log(f"--resume: settings from {path}" + (f"; changed here: {', '.join(sorted(given))}" if given else ""))
+    return TrainConfig(**values)
+
+
 def _cmd_train(args, log):
     from .train import train
 
-    cfg = _train_config(args)
+    cfg = (_resumed_config(args, log) if args.resume else None) or _train_config(args)
     result = train(cfg, log=log)
     if result["step"]:
         log(f"done: step {result['step']}, loss {result['loss']:.4f}, {result['img_per_s']:.0f} img/s, "
