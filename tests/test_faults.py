@@ -272,10 +272,11 @@ def test_bad_checkpoint_paths_say_what_they_are(run, tmp_path, capsys):
     assert main(["sample", "--checkpoint", str(run), "--num", "2"]) == 2
     assert f"checkpoint {run} is a folder, not a file" in _one_error(capsys)
     noise = tmp_path / "noise.pt"
-    noise.write_bytes(os.urandom(4096))
+    import random
+    noise.write_bytes(random.Random(0).randbytes(4096))        # fixed bytes: torch's own message depends on them
     assert main(["sample", "--checkpoint", str(noise), "--num", "2", "--out", str(tmp_path / "s")]) == 2
     err = _one_error(capsys)
-    assert "cannot be read" in err and "Unsupported operand" in err
+    assert "cannot be read" in err and "damaged, truncated" in err
     assert "weights_only=False" not in err and "set to `False`" not in err      # no advice to run the file's code
 
 
