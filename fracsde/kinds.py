@@ -13,6 +13,7 @@ covariance (:mod:`fracsde.fbm`, :mod:`fracsde.distributions`), the weight-fittin
 """
 from __future__ import annotations
 
+import abc
 import math
 from functools import lru_cache
 
@@ -82,7 +83,7 @@ def scaled_upper_gamma(a: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return torch.where(x <= 4.0, direct, quad)
 
 
-class FBMKind:
+class FBMKind(abc.ABC):
     """What distinguishes one kind of fBM (and of its Markov approximation) from the other.
 
     Attributes:
@@ -96,39 +97,39 @@ class FBMKind:
     stationary_increments: bool = False
 
     # ---------------------------------------------------------------- the exact process
+    @abc.abstractmethod
     def variance(self, hurst: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """Var B_t (float64)."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def covariance(self, hurst: torch.Tensor, s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """Exact Cov(B_s, B_t), broadcasting, differentiable in a tensor ``hurst`` (float64)."""
-        raise NotImplementedError
 
     # ---------------------------------------------------------------- the L2 fit of the weights
+    @abc.abstractmethod
     def gram(self, gammas: torch.Tensor, horizon: float) -> torch.Tensor:
         """A_ij = ∫_0^T E[Ŷ_i(t) Ŷ_j(t)] dt of the read-out states (Ŷ = Y or Y − Y(0))."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def moments(self, hurst: torch.Tensor, gammas: torch.Tensor, horizon: float):
         """(b, c): b_k = ∫_0^T E[B_t Ŷ_k(t)] dt and c = ∫_0^T E[B_t²] dt.
 
         ``hurst`` of shape (*B,) (0-d for one H) gives b of shape (*B, K) and c of shape (*B,), differentiable
         in H; the Gram matrix does not depend on H, so one :meth:`gram` serves the whole batch.
         """
-        raise NotImplementedError
 
     # ---------------------------------------------------------------- the Markov state
+    @abc.abstractmethod
     def initial_covariance(self, gammas: torch.Tensor) -> torch.Tensor:
         """(K, K) covariance of the OU states at t = 0 (float64)."""
-        raise NotImplementedError
 
     def read_out(self, states: torch.Tensor, initial: torch.Tensor) -> torch.Tensor:
         """The states Ŷ whose weighted sum is B̂: ``states − initial`` (type I) or ``states`` (type II)."""
         return states - initial if self.stationary_start else states
 
+    @abc.abstractmethod
     def state_cross_covariance(self, gammas: torch.Tensor, s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """(*s.shape, K, K) E[Ŷ_i(s) Ŷ_j(t)] of the read-out states (float64, s and t broadcast)."""
-        raise NotImplementedError
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"

@@ -55,8 +55,7 @@ class Preconditioned(nn.Module):
         sigma_tilde = self.dynamics.conditional_std(t64)
         sigma = sigma_tilde / c
         c_in = 1.0 / torch.sqrt(sigma * sigma + self.sigma_data ** 2)
-        log_snr = 2.0 * self.dynamics.schedule.log_c(t64) - 2.0 * torch.log(sigma_tilde)
-        return {"c": c, "sigma": sigma, "c_in": c_in, "c_noise": -log_snr / 8.0}
+        return {"c": c, "sigma": sigma, "c_in": c_in, "c_noise": -self.dynamics.log_snr(t64, check=False) / 8.0}
 
     def forward(self, u: torch.Tensor, t: torch.Tensor, **kw) -> torch.Tensor:
         if self.kind == "none":
