@@ -171,7 +171,8 @@ def test_evaluate_with_user_inception_file(runs, tmp_path, capsys, monkeypatch):
           "--out", str(tmp_path / "s"), "--no-progress"])
     assert main(["evaluate", "--samples", str(tmp_path / "s" / "samples.npz"), "--ref-max", "300"]) == 0
     text = capsys.readouterr().out
-    assert "FID: " in text and "Inception-v3 TorchScript weights from" in text and "offline" not in text
+    assert "FID: " in text and "TorchScript weights from" in text and "offline" not in text
+    assert "NVIDIA/EDM convention" in text     # a detector resizes inside itself: NVIDIA's convention, labelled
     res = json.loads((tmp_path / "s" / "samples.eval.json").read_text())
     assert res["comparable_to_published"] is True and res["num_reference"] == 300
 

