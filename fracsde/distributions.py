@@ -367,6 +367,31 @@ def _mv(mat: torch.Tensor, vec: torch.Tensor) -> torch.Tensor:
     return (mat * vec.unsqueeze(-2)).sum(-1)
 
 
+def _times_shared(Z: torch.Tensor, S: torch.Tensor) -> torch.Tensor:
+    """Z @ S for Z (m, *B, D, E) and one S (*B, E, F) shared by the m elements: per batch member one GEMM of
+    (m·D) × E by E × F instead of m·|B| tiny products (2.5–3× faster for D = 4 here). Falls back to the
+    broadcasting product when Z's batch is not S's."""
+    batch = S.shape[:-2]
+    if Z.shape[1:-2] != batch:
+        return Z @ S
+    m, D, E = Z.shape[0], Z.shape[-2], Z.shape[-1]
+    out = Z.movedim(0, -3).reshape(batch + (m * D, E)) @ S
+    return out.reshape(batch + (m, D, S.shape[-1])).movedim(-3, 0)
+
+
+def _shared_times(S: torch.Tensor, Z: torch.Tensor) -> torch.Tensor:
+    """S @ Z for a shared S (*B, D, E) and Z (m, *B, E, F), as (Zᵀ Sᵀ)ᵀ with :func:`_times_shared`."""
+    return _times_shared(Z.transpose(-1, -2), S.transpose(-1, -2)).transpose(-1, -2)
+
+
+def _mv_shared(S: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """S v for a shared S (*B, D, E) and vectors v (m, *B, E): one GEMM per batch member."""
+    batch = S.shape[:-2]
+    if v.shape[1:-1] != batch:
+        return _mv(S, v)
+    return (v.movedim(0, -2) @ S.transpose(-1, -2)).movedim(-2, 0)
+
+
 def _prefix_combine(b1, C1, shared, b2, eta2):
     """A filtered prefix N(b₁, C₁) (it starts at the first observation, so A₁ = 0, η₁ = 0, J₁ = 0) followed
     by elements whose matrices (A₂, C₂, J₂) are ``shared``: the prefix one element further.
@@ -376,10 +401,11 @@ def _prefix_combine(b1, C1, shared, b2, eta2):
     """
     A2, C2, J2 = shared
     eye = torch.eye(C1.shape[-1], dtype=C1.dtype, device=C1.device)
-    Mt = torch.linalg.inv_ex(eye + J2 @ C1)[0]                      # Mᵀ; no error check (a host sync)
-    X = A2 @ Mt.transpose(-1, -2)                                   # A₂M
+    # J₂C₁ = (C₁J₂)ᵀ (both symmetric); products with the shared matrices are GEMMs (_times_shared)
+    Mt = torch.linalg.inv_ex(eye + _times_shared(C1, J2).transpose(-1, -2))[0]   # Mᵀ; no error check (a sync)
+    X = _shared_times(A2, Mt.transpose(-1, -2))                     # A₂M
     b = _mv(X, b1 + _mv(C1, eta2)) + b2
-    C = X @ C1 @ A2.transpose(-1, -2) + C2
+    C = _times_shared(X @ C1, A2.transpose(-1, -2)) + C2
     return b, 0.5 * (C + C.transpose(-1, -2))
 
 
@@ -395,8 +421,8 @@ def _shared_pairs(shared, b1, eta1, b2, eta2):
     C_new = X @ C @ At + C
     J_new = Y @ J @ A + J
     pair = (X @ A, 0.5 * (C_new + C_new.transpose(-1, -2)), 0.5 * (J_new + J_new.transpose(-1, -2)))
-    b = _mv(X, b1 + _mv(C, eta2)) + b2
-    eta = _mv(Y, eta2 - _mv(J, b1)) + eta1
+    b = _mv_shared(X, b1 + _mv_shared(C, eta2)) + b2
+    eta = _mv_shared(Y, eta2 - _mv_shared(J, b1)) + eta1
     return pair, b, eta
 
 
@@ -405,15 +431,15 @@ def _kalman_step(m, P, step):
     (A, Q) (*B, D, D), observation variance R (*B,) and observations y (m, *B) of the first component —
     the same as :func:`_prefix_combine` with a one-step element, without its D × D inverse."""
     A, Q, R, y = step
-    mp = _mv(A, m)
-    Pp = A @ P @ A.transpose(-1, -2) + Q
+    mp = _mv_shared(A, m)
+    Pp = _times_shared(_shared_times(A, P), A.transpose(-1, -2)) + Q
     s = Pp[..., 0, 0] + R
     gain = Pp[..., :, 0] / s[..., None]
     P_new = Pp - gain[..., :, None] * gain[..., None, :] * s[..., None, None]
     return mp + gain * (y - mp[..., 0])[..., None], 0.5 * (P_new + P_new.transpose(-1, -2))
 
 
-def _shared_kalman_scan(b0, C0, shared, b, eta, step=None):
+def _shared_kalman_scan(b0, C0, shared, b, eta, step=None, cov_map=None):
     """Filtered means (n, *B, D) and covariances (n, *B, D, D), time first, when every element after the
     first has the same matrices: the odd/even recursion of :func:`_associative_scan`, specialised.
 
@@ -424,10 +450,13 @@ def _shared_kalman_scan(b0, C0, shared, b, eta, step=None):
     ``b``, ``eta``: (n − 1, *B, D) vectors of the elements 1..n−1; ``shared``: (A, C, J), each (*B, D, D).
     ``step`` = (A, Q, R, y_1..y_{n−1}) of the one-step elements, if they are that: the half of the prefixes
     that extend by one step then take an ordinary Kalman step (:func:`_kalman_step`) instead.
+    ``cov_map``: if given, the covariances are returned as ``cov_map(C)`` of each block (m, *B, D, D) → (m, *B,
+    …), applied before the interleaving (the caller needs only, say, aᵀCa: no (n, *B, D, D) tensor is built).
     """
     n = b.shape[0] + 1
+    cov_map = cov_map or (lambda c: c)
     if n == 1:
-        return b0[None], C0[None]
+        return b0[None], cov_map(C0[None])
     p_b, p_C = _prefix_combine(b0[None], C0[None], shared, b[:1], eta[:1])            # P_1 = E_0 ⊕ E_1
     pairs = n // 2 - 1                                                               # E_2i ⊕ E_2i+1, i ≥ 1
     if pairs:
@@ -441,7 +470,8 @@ def _shared_kalman_scan(b0, C0, shared, b, eta, step=None):
         ev_b, ev_C = _prefix_combine(odd_b[:evens], odd_C[:evens], shared, b[1:2 * evens:2], eta[1:2 * evens:2])
     else:
         ev_b, ev_C = _kalman_step(odd_b[:evens], odd_C[:evens], step[:3] + (step[3][1:2 * evens:2],))
-    ev_b, ev_C = torch.cat([b0[None], ev_b]), torch.cat([C0[None], ev_C])
+    ev_b, ev_C = torch.cat([b0[None], ev_b]), cov_map(torch.cat([C0[None], ev_C]))
+    odd_C = cov_map(odd_C)
     out = []
     for ev, od in ((ev_b, odd_b), (ev_C, odd_C)):
         m = od.shape[0]
@@ -674,19 +704,22 @@ class FractionalOU(TorchDistribution):
 
         nb = len(batch)
         if shared:
-            # one matrix triple per series; the vectors (b_k, η_k) are time first for the recursion
+            # one matrix triple per series; the vectors (b_k, η_k) are time first for the recursion. Only
+            # aᵀ P_k a of each filtered covariance is needed: taken per block inside the scan (cov_map)
             step = (Ak[..., 0, :, :], Qk[..., 0, :, :], R, yk.movedim(-1, 0))
-            means, covs = _shared_kalman_scan(b0, C0, (Ae[..., 0, :, :], Ce[..., 0, :, :], Je[..., 0, :, :]),
-                                              be.movedim(-2, 0), eta.movedim(-2, 0), step)
+            outer = (a_row[..., 0, :, None] * a_row[..., 0, None, :]).reshape(batch + (D * D,))
+            means, quad = _shared_kalman_scan(b0, C0, (Ae[..., 0, :, :], Ce[..., 0, :, :], Je[..., 0, :, :]),
+                                              be.movedim(-2, 0), eta.movedim(-2, 0), step,
+                                              cov_map=lambda c: (c.reshape(c.shape[:-2] + (D * D,)) * outer).sum(-1))
             means = means.movedim(0, -2)                                  # (*batch, n, D)
-            covs = covs.movedim(0, -3)
+            pred_var = quad.movedim(0, -1)[..., :-1]                      # (*batch, n − 1)
         else:
             means, covs = self._general_scan(b0, C0, Ae, be, Ce, eta, Je, nb)
+            # aᵀ P a elementwise: a batched (1 × D)(D × D)(D × 1) product per time step is far slower here
+            pred_var = (covs[..., :-1, :, :] * (a_row[..., :, None] * a_row[..., None, :])).sum((-1, -2))
 
         # one-step predictions of X for the likelihood (k ≥ 1), all steps in parallel
         pred_mean = (a_row * means[..., :-1, :]).sum(-1)
-        # aᵀ P a elementwise: a batched (1 × D)(D × D)(D × 1) product per time step is far slower here
-        pred_var = (covs[..., :-1, :, :] * (a_row[..., :, None] * a_row[..., None, :])).sum((-1, -2))
         S_rest = pred_var + Qk[..., 0, 0] + R[..., None]
         S_all = torch.cat([S0[..., None], S_rest], -1)
         resid = torch.cat([(y[..., 0] - mp0[..., 0])[..., None], yk - pred_mean], -1)
