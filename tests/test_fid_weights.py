@@ -158,3 +158,18 @@ def test_real_fid_separates_digits_from_noise(tmp_path, helper):
     digits = fid(extractor, test.to_float(test.images[:48]), ref)
     noise = fid(extractor, torch.rand(48, *train.shape, generator=torch.Generator().manual_seed(3)) * 2 - 1, ref)
     assert 0 < digits < noise / 3, (digits, noise)
+
+
+def test_frechet_distance_is_symmetric_and_caches_the_fixed_square_root():
+    """fid() passes the reference first so its Σ^{1/2} is computed once for the value and every bootstrap."""
+    from models.gfdm.metrics import FeatureStats, frechet_distance
+
+    rng = np.random.default_rng(0)
+    ref = FeatureStats.from_features(rng.normal(size=(400, 64)))
+    few = FeatureStats.from_features(rng.normal(size=(40, 64)) * 1.2 + 0.3)    # rank-deficient covariance
+    assert ref._sqrt is None
+    d = frechet_distance(ref, few)
+    cached = ref._sqrt
+    assert cached is not None and frechet_distance(ref, few) == d and ref._sqrt is cached
+    assert frechet_distance(few, ref) == pytest.approx(d, rel=1e-9)
+    np.testing.assert_allclose(cached @ cached, ref.sigma, atol=1e-10)
