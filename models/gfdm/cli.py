@@ -409,7 +409,6 @@ def _cmd_evaluate(args, ctx, log):
     from .data import load_dataset
     from .checkpoint import check_output_path, load_checkpoint, load_for_sampling
     from .evaluate import evaluate_samples, nll_bits_per_dim
-
     from .metrics.fid import check_feature_args
 
     check_feature_args(args.inception, args.fid_convention)     # before any sampling
@@ -525,7 +524,8 @@ def _cmd_compare(args, log):
     t0 = time.perf_counter()
     res = compare(specs, base, args.out, num_samples=args.num_samples, sample_steps=args.sample_steps,
                   method=args.method, grid=args.grid, sample_batch=args.sample_batch, inception=args.inception,
-                  fid_convention=args.fid_convention, cache_dir=args.cache_dir, reuse=args.reuse, overwrite=args.overwrite, log=log)
+                  fid_convention=args.fid_convention, cache_dir=args.cache_dir, reuse=args.reuse,
+                  overwrite=args.overwrite, log=log)
     if res:
         log("")
         log(res["table"])

