@@ -111,8 +111,8 @@ def fid(extractor, samples: torch.Tensor, ref: FeatureStats, bootstrap: int = 0,
     """FID of ``samples`` against ``ref``; with ``bootstrap`` > 0 also the standard deviation of the FID over
     that many resamplings (with replacement) of the samples' features — a gauge of its sampling noise."""
     feats = extractor(samples)
-    # the reference first: its Σ^{1/2} is computed once for the value and every resampling (one eigh each,
-    # not two: ~4 s apiece for 2048-d Inception features on one CPU thread)
+    # the reference first: its Σ^{1/2} is computed once for the value and every resampling (one 2048×2048
+    # eigh per distance instead of two for Inception features)
     value = frechet_distance(ref, FeatureStats.from_features(feats))
     if not bootstrap:
         return value
