@@ -7,7 +7,13 @@ from .linear import LinearFractionalDynamics, VESchedule, VPSchedule
 from .reverse import ReverseTimeSDE, euler_maruyama
 from .sde import FractionalSDE, NonFiniteStateError, StiffnessWarning, default_method, sdeint, supported_methods
 
-__version__ = "0.1.0"
+try:  # the installed distribution's version (pyproject.toml); a bare source tree has no metadata
+    from importlib.metadata import PackageNotFoundError as _NoMetadata
+    from importlib.metadata import version as _version
+
+    __version__ = _version("fracsde")
+except _NoMetadata:
+    __version__ = "0.0.0+unknown"
 
 __all__ = [
     "FracsdeWarning",
