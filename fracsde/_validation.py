@@ -14,9 +14,20 @@ import torch
 KINDS = ("type1", "type2")
 
 
-def check_hurst(hurst, name: str = "hurst") -> None:
-    """Require a (tensor of) Hurst index strictly inside (0, 1), NaN rejected."""
+def check_has_data(tensor, name: str) -> None:
+    """Refuse a tensor on the 'meta' device: it has a shape but no values, so no check (and no result) exists."""
+    if isinstance(tensor, torch.Tensor) and tensor.is_meta:
+        raise ValueError(f"{name} is a tensor on the 'meta' device (a shape without values); pass one on a device "
+                         f"that holds data, e.g. 'cpu' or 'cuda'")
+
+
+def check_hurst(hurst, name: str = "hurst", scalar: bool = False) -> None:
+    """Require a (tensor of) Hurst index strictly inside (0, 1), NaN rejected; ``scalar``: a single value."""
     if isinstance(hurst, torch.Tensor):
+        check_has_data(hurst, name)
+        if scalar and hurst.numel() != 1:
+            raise ValueError(f"{name} must be a single value here; got a tensor of shape {tuple(hurst.shape)} "
+                             f"(sample one process per Hurst index)")
         if hurst.is_floating_point() is False:
             raise TypeError(f"{name} must be a floating-point number or tensor, got dtype {hurst.dtype}")
         bad = ~((hurst > 0) & (hurst < 1))  # NaN compares False -> bad
@@ -34,6 +45,15 @@ def check_kind(kind: str) -> str:
         raise ValueError(f"kind must be one of {KINDS} ('type1' = Mandelbrot-van Ness, "
                          f"'type2' = Riemann-Liouville); got {kind!r}")
     return kind
+
+
+def check_finite_times(t, name: str) -> torch.Tensor:
+    """A float64 tensor of ``t`` with no NaN or infinity (any shape), naming ``name`` and the bad values."""
+    check_has_data(t, name)
+    t = torch.as_tensor(t, dtype=torch.float64)
+    if not bool(torch.isfinite(t).all()):
+        raise ValueError(f"{name} must be finite; got {t[~torch.isfinite(t)].unique().tolist()}")
+    return t
 
 
 def check_positive_int(value, name: str, minimum: int = 1) -> int:
@@ -62,6 +82,7 @@ def as_times(ts, name: str = "ts", dtype=torch.float64, device=None, allow_zero_
         if isinstance(ts, (int, float)):
             raise TypeError(f"{name} must be a 1-D sequence of times, got a scalar {ts!r}")
         ts = torch.as_tensor(ts, dtype=dtype)
+    check_has_data(ts, name)
     if ts.dim() != 1:
         raise ValueError(f"{name} must be 1-D, got shape {tuple(ts.shape)}")
     if ts.numel() == 0 and not allow_zero_length:
@@ -112,6 +133,8 @@ def check_device(device, name: str = "device") -> torch.device:
         device = torch.device(device)
     except (RuntimeError, TypeError):
         raise ValueError(f"{name} must be a torch device such as 'cpu' or 'cuda:0'; got {device!r}") from None
+    if device.type == "meta":
+        raise ValueError(f"{name}='meta' holds no values (shapes only); use device='cpu' or 'cuda'")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"{name}={str(device)!r} requested but CUDA is not available here "
                          f"(torch {torch.__version__}); use device='cpu'")

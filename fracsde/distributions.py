@@ -38,7 +38,12 @@ from .markov import geometric_gammas, optimal_weights
 from .noise import MarkovNoise, check_rates
 from .numerics import augmented_system, discretize_linear_sde, is_uniform_grid, jittered_cholesky
 
-__all__ = ["FractionalBrownianPath", "FractionalOU", "open_unit_interval", "x_covariance"]
+__all__ = ["FractionalBrownianPath", "FractionalOU", "open_unit_interval", "x_covariance", "DENSE_MEMORY_LIMIT"]
+
+#: bytes the dense route of :class:`FractionalBrownianPath` may use (covariance, Cholesky factor, solves; for type
+#: II also the quadrature terms); larger requests are refused before anything is allocated. Raise it deliberately.
+DENSE_MEMORY_LIMIT = 4 * 2 ** 30
+_RL_NODES = 260      # trapezoid nodes of fracsde.kinds.rl_covariance at H -> 0 (x in [-40, 40 / (H + 1/2)], step 1/2)
 
 
 # ---------------------------------------------------------------------------------------- constraints
@@ -297,7 +302,19 @@ class FractionalBrownianPath(TorchDistribution):
     @lazy_property
     def covariance_matrix(self) -> torch.Tensor:
         """(*batch, n, n) covariance, float64."""
+        self._check_dense_memory()
         return self.scale[..., None, None] ** 2 * _fbm_covariance(self.hurst, self.ts, self.kind)
+
+    def _check_dense_memory(self) -> None:
+        """Refuse a dense covariance that would need more than :data:`DENSE_MEMORY_LIMIT` bytes."""
+        n, batch = self.ts.numel(), max(1, self.hurst.numel())
+        terms = n * n * batch * (4 + (2 * _RL_NODES if not get_kind(self.kind).stationary_increments else 0))
+        if 8 * terms > DENSE_MEMORY_LIMIT:
+            raise ValueError(
+                f"FractionalBrownianPath({self.kind}) with n = {n} points takes the dense O(n^3) route, which needs "
+                f"~{8 * terms / 2 ** 30:.1f} GiB (limit fracsde.distributions.DENSE_MEMORY_LIMIT = "
+                f"{DENSE_MEMORY_LIMIT / 2 ** 30:g} GiB); use kind='type1' on the grid ts = (δ, 2δ, ..., nδ) "
+                f"(Durbin-Levinson, O(n) memory), or fewer points")
 
     @lazy_property
     def scale_tril(self) -> torch.Tensor:

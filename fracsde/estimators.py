@@ -34,6 +34,7 @@ class HurstEstimate(NamedTuple):
 
 
 def _as_series(x, name: str, min_len: int) -> torch.Tensor:
+    V.check_has_data(x, name)
     x = torch.as_tensor(x).to(torch.float64)
     if x.dim() < 1:
         raise ValueError(f"{name} must have a time axis (last dimension); got a scalar")
@@ -87,7 +88,8 @@ def variogram_hurst(path, lags: Optional[Sequence[int]] = None, max_lag: int = 1
     p = V.check_positive_float(p, "p")
     n = x.shape[-1]
     if lags is None:
-        lags = range(1, max(2, min(max_lag, n // 4)) + 1)
+        V.check_positive_int(max_lag, "max_lag", 2)         # a regression needs two lags
+        lags = range(1, min(max_lag, n // 4) + 1)
     lags = torch.as_tensor(list(lags), dtype=torch.long)
     if lags.numel() < 2 or bool((lags < 1).any()) or bool((lags >= n).any()):
         raise ValueError(f"lags must hold at least two integers in [1, {n - 1}]; got {lags.tolist()}")
@@ -189,6 +191,9 @@ def dfa_hurst(increments, min_window: int = 10, max_window: Optional[int] = None
         resid = blocks - (blocks @ q) @ q.T
         stats.append(resid.pow(2).mean((-1, -2)).sqrt())
     stat = torch.stack(stats, -1)
+    if bool((stat <= 0).any()):
+        raise ValueError("increments are constant (or a polynomial of degree <= order) over some window: the DFA "
+                         "fluctuation is zero and its log undefined")
     scales = windows.to(torch.float64)
     slope, intercept = _loglog_fit(scales, stat)
     return HurstEstimate(slope, scales, stat, slope, intercept)

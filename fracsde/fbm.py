@@ -29,7 +29,7 @@ class FractionalBrownianMotion:
     """
 
     def __init__(self, hurst, kind: str = "type1"):
-        V.check_hurst(hurst)
+        V.check_hurst(hurst, scalar=True)
         self.hurst = hurst
         self.kind = V.check_kind(kind)
 
@@ -47,10 +47,11 @@ class FractionalBrownianMotion:
         Type I in closed form; type II by :func:`fracsde.kinds.rl_covariance` (~5e−14 relative to 30-digit
         quadrature).
         """
-        s = torch.as_tensor(s, dtype=torch.float64)
-        t = torch.as_tensor(t, dtype=torch.float64)
+        s = V.check_finite_times(s, "s")
+        t = V.check_finite_times(t, "t")
         if bool((s < 0).any()) or bool((t < 0).any()):
-            raise ValueError("covariance: times must be non-negative")
+            raise ValueError(f"covariance: times must be non-negative; got min s = {float(s.min())}, "
+                             f"min t = {float(t.min())}")
         s, t = torch.broadcast_tensors(s, t)
         return get_kind(self.kind).covariance(torch.as_tensor(self.hurst, dtype=torch.float64), s, t)
 

@@ -219,7 +219,12 @@ class LatentFractionalSDE(FractionalSDE):
 
     def sample_posterior(self, ts, num_samples: int, dt: float = 0.01, method: str = "midpoint",
                          return_kl: bool = False, **kwargs):
-        """Paths ``(len(ts), num_samples, d)`` of the controlled SDE (and the running KL if asked)."""
+        """Paths ``(len(ts), num_samples, d)`` of the controlled SDE (and the running KL if asked), detached
+        (for samples that carry gradients, e.g. an ELBO, use :meth:`elbo` or ``sdeint`` with ``return_kl``)."""
+        with torch.no_grad():
+            return self._posterior(ts, num_samples, dt, method, return_kl, **kwargs)
+
+    def _posterior(self, ts, num_samples, dt, method, return_kl, **kwargs):
         return sdeint(self, self._x0(num_samples, self.log_sigma.dtype), ts, method=method, dt=dt,
                       return_kl=return_kl, **kwargs)
 
@@ -240,7 +245,7 @@ class LatentFractionalSDE(FractionalSDE):
             expected = (obs_index.numel(), self.state_dim)
             raise ValueError(f"obs must have shape (len(obs_index), state_dim) = {expected}; "
                              f"got {tuple(obs.shape)}")
-        xs, kl = self.sample_posterior(ts, num_samples, dt=dt, method=method, return_kl=True, **kwargs)
+        xs, kl = self._posterior(ts, num_samples, dt, method, True, **kwargs)
         r = self.obs_noise.to(xs.dtype)
         resid = (xs[obs_index] - obs[:, None, :]) / r                       # (n_obs, batch, d)
         loglik = (-0.5 * resid ** 2 - torch.log(r) - 0.5 * math.log(2 * math.pi)).sum((0, 2))

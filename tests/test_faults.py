@@ -295,3 +295,90 @@ def test_a_long_horizon_is_refused_before_the_covariance_solve_hangs():
 
     with pytest.raises(ValueError, match=r"max\|mu\(t\)\| = 10 .* horizon T = 1e\+06\) exceeds 20000"):
         FVP(0.9, 3, T=1e6)
+
+
+# --------------------------------------------------------------- 7. issue 19: wrong, NaN and unclear library calls
+def test_preconditioned_refuses_times_outside_the_horizon_as_marginal_does(fvp):
+    from models.gfdm import Preconditioned
+
+    eps = Preconditioned(lambda x, c: x, fvp)
+    u = torch.ones(2, 1)
+    for t in (2.0, float("nan"), 0.0):
+        with pytest.raises(ValueError, match=r"t must lie in \(0, T\] with T = 1"):
+            fvp.marginal(torch.tensor([t]))
+        with pytest.raises(ValueError, match=r"t must lie in \(0, T\] with T = 1"):
+            eps(u, torch.full((2,), t))
+    assert torch.isfinite(eps(u, torch.full((2,), 0.5))).all()
+
+
+def test_estimators_refuse_what_they_cannot_estimate():
+    from fracsde.estimators import dfa_hurst, variogram_hurst
+
+    path = torch.cumsum(torch.randn(256, generator=torch.Generator().manual_seed(0), dtype=torch.float64), 0)
+    with pytest.raises(ValueError, match="max_lag must be an integer >= 2; got 0"):
+        variogram_hurst(path, max_lag=0)
+    assert variogram_hurst(path, max_lag=3).scales.tolist() == [1.0, 2.0, 3.0]
+    with pytest.raises(ValueError, match="increments are constant .* DFA fluctuation is zero"):
+        dfa_hurst(torch.zeros(1000))
+
+
+def test_exact_fbm_refuses_nan_times_and_a_batch_of_hurst_indices():
+    from fracsde import FractionalBrownianMotion
+
+    with pytest.raises(ValueError, match=r"s must be finite; got \[nan\]"):
+        FractionalBrownianMotion(0.7).covariance(float("nan"), 1.0)
+    with pytest.raises(ValueError, match=r"hurst must be a single value here; got a tensor of shape \(2,\)"):
+        FractionalBrownianMotion(torch.tensor([0.3, 0.7]))
+    assert float(FractionalBrownianMotion(torch.tensor(0.7)).covariance(1.0, 1.0)) == pytest.approx(1.0)
+
+
+def test_score_matching_loss_names_a_model_that_returns_nan(fvp):
+    from models.gfdm import score_matching_loss
+
+    with pytest.raises(ValueError, match="eps_model returned NaN or infinity for 4 of 4 samples"):
+        score_matching_loss(lambda u, t: torch.full_like(u, float("nan")), fvp, torch.zeros(4, 3))
+
+
+def test_dynamics_spec_constructor_takes_the_text_form_with_parses_messages():
+    from models.gfdm import DynamicsSpec
+
+    assert DynamicsSpec("fvp:H=0.9,K=3,gamma_max=10") == DynamicsSpec.parse("fvp:H=0.9,K=3,gamma_max=10")
+    with pytest.raises(ValueError, match=r"dynamics spec 'fvq:H=0.9': family 'fvq' is not one of"):
+        DynamicsSpec("fvq:H=0.9")
+    with pytest.raises(ValueError, match="not both"):
+        DynamicsSpec("fvp:H=0.9", {"K": 2})
+
+
+def test_dense_fbm_likelihood_refuses_what_cannot_fit_before_allocating():
+    import resource
+
+    from fracsde.distributions import FractionalBrownianPath
+
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    d = FractionalBrownianPath(0.7, torch.linspace(1e-4, 2, 20000, dtype=torch.float64) ** 2, kind="type2")
+    with pytest.raises(ValueError, match=r"n = 20000 points .* GiB \(limit fracsde.distributions.DENSE_MEMORY_LIMIT"
+                                         r" = 4 GiB\); use kind='type1' on the grid"):
+        d.log_prob(torch.zeros(20000, dtype=torch.float64))
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 200_000      # kB: nothing n x n was made
+
+
+@pytest.mark.parametrize("call", ["variogram", "fbm-sample", "fbm-device", "times"])
+def test_meta_tensors_are_refused_by_name(call):
+    from fracsde import FractionalBrownianMotion
+    from fracsde.estimators import variogram_hurst
+
+    meta = torch.zeros(100, device="meta")
+    with pytest.raises(ValueError, match="'meta'"):
+        {"variogram": lambda: variogram_hurst(meta),
+         "fbm-sample": lambda: FractionalBrownianMotion(0.7).sample(torch.linspace(0, 1, 10, device="meta"), 2),
+         "fbm-device": lambda: FractionalBrownianMotion(0.7).sample(torch.linspace(0, 1, 10), 2, device="meta"),
+         "times": lambda: FractionalBrownianMotion(torch.tensor(0.7, device="meta"))}[call]()
+
+
+def test_latent_posterior_samples_are_detached():
+    from fracsde.latent import AffineControl, BridgeProblem
+
+    prob = BridgeProblem(0.7, theta=1.0, obs_time=1.0, obs_value=1.0, obs_noise=0.5)
+    model = prob.model(AffineControl(1, 1, 3))
+    paths = model.sample_posterior(torch.linspace(0, 1, 5, dtype=torch.float64), 8, dt=0.02)
+    assert not paths.requires_grad

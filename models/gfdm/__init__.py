@@ -13,8 +13,9 @@ from .dynamics import FVE, FVP
 from .gaussian import GaussianEpsModel, GaussianMixtureEpsModel, gaussian_loss_minimum
 from .likelihood import nll_bits_per_dim
 from .loss import score_matching_loss
+from .precondition import Preconditioned
 from .sampling import SAMPLERS, register_sampler, sample
 from .spec import DynamicsSpec
 
-__all__ = ["FVP", "FVE", "DynamicsSpec", "score_matching_loss", "sample", "SAMPLERS", "register_sampler",
+__all__ = ["FVP", "FVE", "DynamicsSpec", "score_matching_loss", "Preconditioned", "sample", "SAMPLERS", "register_sampler",
            "nll_bits_per_dim", "GaussianEpsModel", "GaussianMixtureEpsModel", "gaussian_loss_minimum"]

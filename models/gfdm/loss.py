@@ -77,6 +77,10 @@ def score_matching_loss(eps_model: Callable, dynamics: LinearFractionalDynamics,
     if pred.shape != x0.shape:
         raise ValueError(f"eps_model must return a tensor of the data's shape {tuple(x0.shape)}; "
                          f"got {tuple(pred.shape)}")
+    if check_finite and not bool(torch.isfinite(pred).all()):
+        bad = int((~torch.isfinite(pred)).reshape(pred.shape[0], -1).any(1).sum())
+        raise ValueError(f"eps_model returned NaN or infinity for {bad} of {pred.shape[0]} samples (its output, "
+                         f"not the data, is non-finite: check the model's weights and inputs)")
     err = (pred - eps).pow(2)
     weight = getattr(eps_model, "loss_weight", None)
     if weight is None and reduction == "mean":

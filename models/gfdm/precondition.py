@@ -49,7 +49,14 @@ class Preconditioned(nn.Module):
         self.dynamics = dynamics           # not a submodule: its buffers belong to the caller's dynamics
 
     def scalings(self, t: torch.Tensor) -> dict:
-        """c_in (on u), the noise level σ = σ̃/c and c_noise = −λ/8 at times t (float64, t's shape)."""
+        """c_in (on u), the noise level σ = σ̃/c and c_noise = −λ/8 at times t (float64, t's shape).
+
+        Times outside (0, T] or NaN are refused as :meth:`~fracsde.linear.LinearFractionalDynamics.marginal`
+        refuses them — for times on the CPU; on an accelerator the check would cost a host synchronisation per
+        network call (training and sampling loops), so it is left to the caller there."""
+        t = torch.as_tensor(t)
+        if t.device.type == "cpu":
+            t = self.dynamics.check_times(t)
         t64 = t.to(torch.float64)
         c = self.dynamics.mean_coefficient(t64)
         sigma_tilde = self.dynamics.conditional_std(t64)

@@ -129,13 +129,22 @@ class DynamicsSpec:
     """A family (``"vp"``, ``"ve"``, ``"fvp"``, ``"fve"``) and every constructor argument of its class.
 
     ``kwargs`` may be partial (and use ``H``/``K``) when constructing; it is completed with the defaults,
-    checked and made read-only, so two specs of the same dynamics compare equal.
+    checked and made read-only, so two specs of the same dynamics compare equal. The text form is accepted
+    too: ``DynamicsSpec("fvp:H=0.9,K=3,gamma_max=10") == DynamicsSpec.parse("fvp:H=0.9,K=3,gamma_max=10")``.
     """
 
     family: str
     kwargs: Mapping[str, Any] = field(default_factory=dict)
 
     def __post_init__(self):
+        if ":" in str(self.family):             # the text form: read as parse() reads it, with its messages
+            if self.kwargs:
+                raise ValueError(f"dynamics {self.family!r}: give the arguments either in the text or as kwargs, "
+                                 f"not both; got kwargs {dict(self.kwargs)}")
+            parsed = DynamicsSpec.parse(self.family)
+            object.__setattr__(self, "family", parsed.family)
+            object.__setattr__(self, "kwargs", parsed.kwargs)
+            return
         family = str(self.family).strip().lower()
         object.__setattr__(self, "family", family)
         kwargs = _complete(family, dict(self.kwargs), f"dynamics {family!r}")
