@@ -3,6 +3,7 @@ from ._warnings import ApproximationWarning, FracsdeWarning, IllConditionedWarni
 from .fbm import FractionalBrownianMotion
 from .noise import MarkovNoise
 from .markov import MarkovApproxFBM, geometric_gammas, optimal_weights
+from .rules import RATE_RULES, RateRule, markov_rates, strong_error
 from .linear import LinearFractionalDynamics, VESchedule, VPSchedule
 from .reverse import ReverseTimeSDE, euler_maruyama
 from .sde import FractionalSDE, NonFiniteStateError, StiffnessWarning, default_method, sdeint, supported_methods
@@ -25,6 +26,10 @@ __all__ = [
     "MarkovApproxFBM",
     "geometric_gammas",
     "optimal_weights",
+    "RATE_RULES",
+    "RateRule",
+    "markov_rates",
+    "strong_error",
     "FractionalSDE",
     "sdeint",
     "NonFiniteStateError",

@@ -14,8 +14,9 @@ differentiable in the Hurst index. Sampling, covariances and the initial state c
 """
 from __future__ import annotations
 
+import math
 import warnings
-from typing import NamedTuple
+from typing import NamedTuple, Optional
 
 import torch
 from torch import nn
@@ -23,9 +24,14 @@ from torch import nn
 from . import _validation as V
 from ._warnings import ApproximationWarning, IllConditionedWarning
 from .kinds import get_kind
-from .noise import MarkovNoise, check_rates
+from .noise import MAX_CANCELLATION, MarkovNoise, cancellation, check_rates
+from .rules import RATE_RULES, check_rule, kernel_projection, markov_rates
+from .rules import strong_error as _rule_strong_error
 
-__all__ = ["MarkovApproxFBM", "geometric_gammas", "optimal_weights", "WeightSolution"]
+#: Largest K a noise may have (the optimal rule reaches a strong error of 2e−3 at K = 32, H = 0.1).
+MAX_PROCESSES = 64
+
+__all__ = ["MarkovApproxFBM", "geometric_gammas", "optimal_weights", "WeightSolution", "RATE_RULES", "MAX_PROCESSES"]
 
 #: ApproximationWarning above this relative L2 error (half of ∫E[B²] missed), or below 0 (a broken solve)
 LARGE_APPROXIMATION_ERROR = 0.5
@@ -90,24 +96,39 @@ class MarkovApproxFBM(MarkovNoise):
 
     Args:
         hurst: Hurst index H in (0, 1).
-        num_processes: K ≥ 1, number of OU processes (ignored when ``gammas`` is given).
+        num_processes: K, 1 ≤ K ≤ 64, number of OU processes (ignored when ``gammas`` is given).
         gamma_max: > 1, the largest rate of the geometric grid in units of 1/horizon (GFDM uses 20 on [0, 1]):
             the rates are γ_max^{(2k−K−1)/(K−1)}/horizon, so by self-similarity the approximation error is the same
             at every horizon. With K = 1 the grid is [1/horizon]; :attr:`gamma_max` is always the largest rate.
-        gammas: explicit positive rates; overrides the geometric grid.
+        gammas: explicit positive rates; overrides the rule.
         kind: ``"type2"`` (Riemann–Liouville, Y(0) = 0) or ``"type1"`` (Mandelbrot–van Ness,
             stationary OU start, B̂_t = Σω(Y(t) − Y(0))).
-        horizon: T > 0, the interval [0, T] on which ω is L2-optimal.
+        horizon: T > 0, the interval [0, T] on which ω is optimal.
         learnable_hurst: make H an ``nn.Parameter`` (stored as logit(H), so it stays in (0, 1));
-            ω is then recomputed, differentiably, on every access of :attr:`weights`.
+            ω is then recomputed, differentiably, on every access of :attr:`weights`. The rates stay those of the
+            initial H (a rule's rates are not differentiable; ω(H) for fixed rates is).
+        rates: the rate rule (:data:`fracsde.rules.RATE_RULES`): ``"geometric"`` (default; GFDM's grid, weights
+            minimising the time-integrated error, identical to the first release), ``"optimal"`` (rates and weights
+            minimising the strong error — use it for rough H) or ``"quadrature"`` (H < ½). See
+            :func:`fracsde.markov_rates` and docs/markov.md.
+        max_rate: cap on the largest rate in 1/time units (for explicit solvers: keep max_rate·dt ≲ 1); with
+            ``"geometric"`` it sets gamma_max = max_rate·horizon.
+
+    Raises:
+        ValueError: a parameter out of range, or a geometric grid whose weights cannot be solved accurately in
+            float64 (too many processes for the grid's span: use ``rates="optimal"``).
 
     Example:
         >>> noise = MarkovApproxFBM(hurst=0.7, num_processes=3)
         >>> paths = noise.sample(torch.linspace(0, 1, 101), batch_size=8)   # (8, 101)
+        >>> rough = MarkovApproxFBM(hurst=0.1, num_processes=8, rates="optimal")
+        >>> round(float(rough.strong_error), 4)
+        0.0763
     """
 
     def __init__(self, hurst: float, num_processes: int = 3, gamma_max: float = 20.0,
-                 gammas=None, kind: str = "type2", horizon: float = 1.0, learnable_hurst: bool = False):
+                 gammas=None, kind: str = "type2", horizon: float = 1.0, learnable_hurst: bool = False,
+                 rates: str = "geometric", max_rate: Optional[float] = None):
         if isinstance(hurst, torch.Tensor) and hurst.numel() != 1:
             raise ValueError(f"hurst must be a single Hurst index (a noise drives one process); got a tensor of shape "
                              f"{tuple(hurst.shape)}. For many H use fracsde.optimal_weights(hurst_tensor, gammas) or "
@@ -115,35 +136,69 @@ class MarkovApproxFBM(MarkovNoise):
         V.check_hurst(hurst)
         V.check_kind(kind)
         horizon = V.check_positive_float(horizon, "horizon")
+        rule = check_rule(rates)
         if gammas is None:
             V.check_positive_int(num_processes, "num_processes", 1)
-            gamma_max = V.check_positive_float(gamma_max, "gamma_max", 1.0)
-            g = geometric_gammas(num_processes, gamma_max) / horizon
+            if num_processes > MAX_PROCESSES:
+                raise ValueError(f"num_processes must be in [1, {MAX_PROCESSES}]; got {num_processes} "
+                                 f"(rates='optimal' reaches a strong error of 2e-3 at K = 32 for H = 0.1)")
+            if rule == "geometric":
+                if max_rate is not None:
+                    if gamma_max != 20.0:
+                        raise ValueError("give gamma_max or max_rate for the geometric grid, not both "
+                                         f"(gamma_max={gamma_max!r}, max_rate={max_rate!r})")
+                    gamma_max = V.check_positive_float(max_rate, "max_rate") * horizon
+                gamma_max = V.check_positive_float(gamma_max, "gamma_max", 1.0)
+                g = geometric_gammas(num_processes, gamma_max) / horizon
+            else:
+                g = markov_rates(float(hurst), num_processes, rule, max_rate, horizon, kind).rates
         else:
+            if rule != "geometric":
+                raise ValueError(f"give gammas or rates={rule!r}, not both (gammas fixes the rates)")
             g = check_rates(gammas)
+        self.rate_rule = rule if gammas is None else "given"
+        #: what the weights minimise: the time-integrated error ("integrated", the first release's) or the
+        #: strong error ("strong": the L²(0, T) projection of the kernel, for the strong-error rules)
+        self.weight_objective = "strong" if rule != "geometric" else "integrated"
         h0 = torch.as_tensor(float(hurst), dtype=torch.float64)
         sol = optimal_weights(h0, g, kind, horizon)
-        super().__init__(g, None if learnable_hurst else sol.weights.detach(), kind=kind, horizon=horizon)
+        if self.weight_objective == "strong":
+            w0 = kernel_projection(h0, g, horizon).detach()
+        else:
+            w0 = sol.weights.detach()
+        kappa = cancellation(g, w0, kind, horizon)
+        if self.weight_objective == "integrated" and (kappa > MAX_CANCELLATION or not float(sol.relative_error) >= 0):
+            raise ValueError(
+                f"the geometric grid with num_processes={g.numel()} and gamma_max={float(g.max()) * horizon:g} (rates "
+                f"{float(g.min()):.3g}..{float(g.max()):.3g}) cannot be solved accurately in float64: cond(A) = "
+                f"{sol.condition_number:.1e}, the weights (max |ω| = {float(w0.abs().max()):.3g}) cancel so that "
+                f"Var B̂ would lose {math.log10(max(kappa, 1.0)):.0f} of float64's 16 digits. Use fewer processes, a "
+                f"larger gamma_max, or rates='optimal' (well-separated rates, accurate at any K)")
+        super().__init__(g, None if learnable_hurst else w0, kind=kind, horizon=horizon)
         self.learnable_hurst = bool(learnable_hurst)
         if self.learnable_hurst:
             self.hurst_logit = nn.Parameter(torch.logit(h0))
         else:
             self.register_buffer("_hurst", h0)
-        if sol.condition_number > ILL_CONDITIONED:
+        if self.weight_objective == "integrated" and sol.condition_number > ILL_CONDITIONED:
             warnings.warn(
                 f"MA-fBM weight system is ill-conditioned (cond(A) = {sol.condition_number:.2e} for K = {g.numel()}, "
                 f"gamma_max = {self.gamma_max:g}); solved in float64 the achieved relative L2 error is "
-                f"{float(sol.relative_error):.3e}. More processes barely help at fixed gamma_max.",
+                f"{float(sol.relative_error):.3e}. More processes barely help at fixed gamma_max; "
+                f"rates='optimal' does not have this problem.",
                 IllConditionedWarning, stacklevel=2)
         self.condition_number = sol.condition_number
-        if not 0.0 <= float(sol.relative_error) <= LARGE_APPROXIMATION_ERROR:
+        rel = float(sol.relative_error) if self.weight_objective == "integrated" else float(
+            self._integrated_error(h0, w0))
+        if not 0.0 <= rel <= LARGE_APPROXIMATION_ERROR:
             warnings.warn(
                 f"the MA-fBM with K = {g.numel()} processes (rates {float(g.min()):.3g}..{float(g.max()):.3g}) "
                 f"approximates {kind} fBM of H = {float(h0):g} on [0, {horizon:g}] with a relative L2 error of "
-                f"{float(sol.relative_error):.3g} (outside [0, {LARGE_APPROXIMATION_ERROR:g}]); more processes or a "
-                f"larger gamma_max reduce it (docs/markov.md)", ApproximationWarning, stacklevel=2)
+                f"{rel:.3g} (outside [0, {LARGE_APPROXIMATION_ERROR:g}]); more processes, a larger gamma_max or "
+                f"rates='optimal' reduce it (docs/markov.md)", ApproximationWarning, stacklevel=2)
         if not self.learnable_hurst:
-            self.register_buffer("_relative_error", sol.relative_error.detach())
+            self.register_buffer("_relative_error", torch.as_tensor(rel, dtype=torch.float64) if
+                                 self.weight_objective == "strong" else sol.relative_error.detach())
 
     # ------------------------------------------------------------------ parameters
     @property
@@ -152,24 +207,50 @@ class MarkovApproxFBM(MarkovNoise):
             return torch.sigmoid(self.hurst_logit)
         return self._hurst
 
+    def _integrated_error(self, h, w):
+        """Time-integrated relative error ∫E(B − B̂)² / ∫E B² of weights w (torch; differentiable)."""
+        rules = get_kind(self.kind)
+        g = self.gammas.to(torch.float64)
+        A = rules.gram(g, self.horizon)
+        b, c = rules.moments(h, g, self.horizon)
+        return (w @ A @ w - 2 * b @ w + c) / c
+
     def _solve(self):
-        w, rel, _ = _solve_weights(self.hurst, self.gammas.to(torch.float64), self.kind, self.horizon)
+        g = self.gammas.to(torch.float64)
+        if self.weight_objective == "strong":
+            w = kernel_projection(self.hurst, g, self.horizon)
+            return w, self._integrated_error(self.hurst, w)
+        w, rel, _ = _solve_weights(self.hurst, g, self.kind, self.horizon)
         return w, rel
 
     @property
     def weights(self) -> torch.Tensor:
-        """(K,) L2-optimal weights ω (float64; differentiable in H when it is learnable)."""
+        """(K,) weights ω (float64; differentiable in H when it is learnable)."""
         if self.learnable_hurst:
             return self._solve()[0]
         return self._weights
 
     @property
     def approximation_error(self) -> torch.Tensor:
-        """Relative L2 error ∫E[(B − B̂)²] / ∫E[B²] over [0, horizon] at the optimal weights."""
+        """Relative time-integrated L2 error ∫E[(B − B̂)²] / ∫E[B²] over [0, horizon] at the current weights."""
         if self.learnable_hurst:
             return self._solve()[1]
         return self._relative_error
 
+    @property
+    def strong_error(self) -> torch.Tensor:
+        """Relative strong error ‖K − K̂‖_{L²(0,T)} / ‖K‖ (= √(sup_{t≤T} E|B_t − B̂_t|²) / ‖K‖), type II only.
+
+        The measure of Bayer & Breneis; ``"optimal"`` minimises it. A 0-d float64 tensor (not differentiable).
+        """
+        if self.kind != "type2":
+            raise ValueError("strong_error is defined against the type II kernel t^(H-1/2)/Gamma(H+1/2); this noise "
+                             "is type1 (use approximation_error)")
+        w = self.weights.detach()
+        return torch.tensor(_rule_strong_error(float(self.hurst.detach()), self.gammas, w, self.horizon),
+                            dtype=torch.float64)
+
     def extra_repr(self) -> str:
-        return (f"hurst={float(self.hurst.detach()):.4g}, num_processes={self.num_processes}, kind={self.kind!r}, "
+        return (f"hurst={float(self.hurst.detach()):.4g}, num_processes={self.num_processes}, rates={self.rate_rule!r}, "
+                f"kind={self.kind!r}, "
                 f"gamma_max={self.gamma_max:g}, horizon={self.horizon:g}, learnable_hurst={self.learnable_hurst}")

@@ -12,6 +12,7 @@ accept any of them.
 """
 from __future__ import annotations
 
+import math
 from collections import OrderedDict
 from typing import Optional
 
@@ -23,7 +24,16 @@ from . import _validation as V
 from .kinds import get_kind
 from .numerics import is_uniform_grid, psd_factor
 
-__all__ = ["MarkovNoise", "check_rates", "SAMPLE_METHODS", "INNOVATION_BLOCK"]
+__all__ = ["MarkovNoise", "check_rates", "step_covariance", "cancellation", "SAMPLE_METHODS", "INNOVATION_BLOCK", "MAX_CANCELLATION",
+           "REDUCED_PRECISION_CANCELLATION"]
+
+#: Refuse weights whose sum Σ ω_k Y_k cancels so much that Var B̂ = ωᵀΣω loses more than 13 of float64's 16
+#: digits: the ratio |ω|ᵀ|Σ||ω| / ωᵀΣω (Σ the states' covariance at the horizon) above 1e13.
+MAX_CANCELLATION = 1e13
+
+#: Sampling in float32 forms B̂ = Σ ω_k Y_k with 7 digits; above this cancellation ratio (3.5 digits lost in the
+#: variance) the path is computed in float64 and cast, so no dtype returns a path its rounding has distorted.
+REDUCED_PRECISION_CANCELLATION = 1e3
 
 #: ``MarkovNoise.sample(method=...)``: one normal per step for B̂ alone, or the full OU state.
 SAMPLE_METHODS = ("auto", "innovations", "state")
@@ -42,6 +52,34 @@ def check_rates(gammas, name: str = "gammas") -> torch.Tensor:
     if not bool((g > 0).all()) or not bool(torch.isfinite(g).all()):
         raise ValueError(f"{name} must be finite and > 0; got {g.tolist()}")
     return g
+
+
+def step_covariance(gammas: torch.Tensor, h) -> torch.Tensor:
+    """(*h.shape, D, D) covariance of the exact OU innovations ξ_k = ∫_t^{t+h} e^{−γ_k(t+h−s)} dW_s over a step h.
+
+    Cov(ξ_i, ξ_j) = (1 − e^{−(γ_i+γ_j)h})/(γ_i+γ_j), with the limit h where γ_i + γ_j = 0: a zero rate is the
+    Brownian increment ΔW itself (Cov(ξ_k, ΔW) = (1 − e^{−γ_k h})/γ_k, Var ΔW = h). float64.
+    """
+    g = gammas.to(torch.float64)
+    h = torch.as_tensor(h, dtype=torch.float64, device=g.device)[..., None, None]
+    s = g[:, None] + g[None, :]
+    safe = torch.where(s > 0, s, torch.ones_like(s))
+    return torch.where(s > 0, -torch.expm1(-safe * h) / safe, h)
+
+
+def cancellation(gammas, weights, kind: str = "type2", horizon: float = 1.0) -> float:
+    """|ω|ᵀ|Σ||ω| / ωᵀΣω, Σ = Cov(Ŷ(T)) at the horizon: by how much B̂ = Σ ω_k Ŷ_k cancels (1 = not at all).
+
+    Var B̂ computed in a floating-point format with unit round-off u is accurate to about u times this ratio
+    (:data:`MAX_CANCELLATION`, :data:`REDUCED_PRECISION_CANCELLATION`). Positive weights (rough H) give 1.
+    """
+    w = torch.as_tensor(weights).detach().to(torch.float64).cpu()
+    g = torch.as_tensor(gammas).detach().to(torch.float64).cpu()
+    T = torch.tensor(float(horizon), dtype=torch.float64)
+    S = get_kind(kind).state_cross_covariance(g, T, T)
+    num = float(w.abs() @ S.abs() @ w.abs())
+    den = float(w @ S @ w)
+    return num / den if den > 0 else math.inf
 
 
 def _innovation_gains(steps: torch.Tensor, gammas: torch.Tensor, weights: torch.Tensor, kind: str):
@@ -198,6 +236,11 @@ class MarkovNoise(nn.Module):
             raise ValueError(f"weights must have the shape of gammas, {tuple(g.shape)}; got {tuple(w.shape)}")
         if not bool(torch.isfinite(w).all()):
             raise ValueError(f"weights must be finite; got {w.tolist()}")
+        kappa = cancellation(g, w, self.kind, self.horizon)
+        if kappa > MAX_CANCELLATION:
+            raise ValueError(f"weights cancel too much to be used in float64: |w|'|S||w| / w'Sw = {kappa:.2e} > "
+                             f"{MAX_CANCELLATION:.0e} (S the states' covariance at the horizon), so Var B̂ would "
+                             f"lose more than 13 of 16 digits; got weights {w.tolist()}")
         self.register_buffer("_weights", w)
 
     # ------------------------------------------------------------------ parameters
@@ -219,6 +262,10 @@ class MarkovNoise(nn.Module):
         return f"num_processes={self.num_processes}, kind={self.kind!r}, gamma_max={self.gamma_max:g}, " \
                f"horizon={self.horizon:g}"
 
+    def cancellation_of(self, weights=None) -> float:
+        """:func:`cancellation` of this noise (of ``weights`` instead of its own, when given)."""
+        return cancellation(self.gammas, self.weights if weights is None else weights, self.kind, self.horizon)
+
     # ------------------------------------------------------------------ second moments
     def stationary_covariance(self) -> torch.Tensor:
         """(K, K) stationary covariance of the OU states: 1/(γ_i + γ_j)."""
@@ -231,22 +278,22 @@ class MarkovNoise(nn.Module):
 
     def ou_covariance(self, h) -> torch.Tensor:
         """(*h.shape, K, K) covariance of the OU innovation over a step h: (1 − e^{−(γ_i+γ_j)h})/(γ_i+γ_j)."""
-        g = self.gammas.to(torch.float64)
-        h = torch.as_tensor(h, dtype=torch.float64, device=g.device)
-        s = g[:, None] + g[None, :]
-        return -torch.expm1(-s * h[..., None, None]) / s
+        return step_covariance(self.gammas, h)
 
     def covariance(self, s, t) -> torch.Tensor:
         """Closed-form Cov(B̂_s, B̂_t) of this noise; broadcasts s and t; float64."""
         g = self.gammas.to(torch.float64)
         s = torch.as_tensor(s, dtype=torch.float64, device=g.device)
         t = torch.as_tensor(t, dtype=torch.float64, device=g.device)
-        if bool((s < 0).any()) or bool((t < 0).any()):
-            raise ValueError("covariance: times must be non-negative")
+        for name, v in (("s", s), ("t", t)):
+            if not bool(torch.isfinite(v).all()) or bool((v < 0).any()):
+                raise ValueError(f"covariance: {name} must be finite and >= 0; got {v.tolist() if v.numel() < 8 else v}")
         s, t = torch.broadcast_tensors(s, t)
         w = self.weights.to(torch.float64)
         cross = get_kind(self.kind).state_cross_covariance(g, s, t)
-        return torch.einsum("i,...ij,j->...", w, cross, w)
+        cov = torch.einsum("i,...ij,j->...", w, cross, w)
+        # a variance is never negative: where s = t, round-off of a cancelling sum is clipped at 0
+        return torch.where(s == t, cov.clamp(min=0.0), cov)
 
     # ------------------------------------------------------------------ sampling
     def initial_state(self, batch_size: int, generator: Optional[torch.Generator] = None,
@@ -268,11 +315,14 @@ class MarkovNoise(nn.Module):
         return y @ self.weights.to(y.dtype)
 
     def sample(self, ts, batch_size: int, generator: Optional[torch.Generator] = None,
-               dtype: Optional[torch.dtype] = None, device=None, return_state: bool = False, method: str = "auto"):
-        """Sample B̂ on a strictly increasing grid, exact in law (no time-stepping error).
+               dtype: Optional[torch.dtype] = None, device=None, return_state: bool = False, method: str = "auto",
+               return_brownian: bool = False):
+        """Sample B̂ on a strictly increasing grid, exact in law (no time-stepping error) for any rates and K.
 
-        Returns ``(batch_size, len(ts))`` paths, and with ``return_state=True`` also the OU states
-        ``(batch_size, len(ts), K)``.
+        Returns ``(batch_size, len(ts))`` paths; with ``return_state=True`` also the OU states
+        ``(batch_size, len(ts), K)``; with ``return_brownian=True`` also the driving Brownian motion W on the grid
+        ``(batch_size, len(ts))`` (W_0 = 0; a model that drives a second process with the same or a correlated W
+        needs it). Extras come in that order: ``(paths, states?, brownian?)``.
 
         method:
             ``"innovations"`` — one normal per step: B̂ is drawn from its own innovations form (the Kalman
@@ -280,26 +330,35 @@ class MarkovNoise(nn.Module):
             :data:`INNOVATION_BLOCK` steps, each one batched product with a lower-triangular operator plus
             the carried filter mean. Paths only. The gains are computed once per grid (float64) and cached.
             ``"state"`` — the full OU state: K correlated normals per step, innovations with covariance
-            (1 − e^{−(γ_i+γ_j)h})/(γ_i+γ_j) (one shared Brownian motion), Y_n = e^{−γh_n} Y_{n−1} + ξ_n.
-            ``"auto"`` (default) — ``"state"`` when ``return_state`` is set, else ``"innovations"``.
+            (1 − e^{−(γ_i+γ_j)h})/(γ_i+γ_j) (one shared Brownian motion), Y_n = e^{−γh_n} Y_{n−1} + ξ_n; with
+            ``return_brownian`` the increment of W is drawn jointly (Cov(ξ_k, ΔW) = (1 − e^{−γ_k h})/γ_k).
+            ``"auto"`` (default) — ``"state"`` when ``return_state`` or ``return_brownian`` is set, else
+            ``"innovations"``.
 
-        Both are exact on any grid; they consume the generator differently, so a seed gives different
+        dtype: float64, float32, or float16/bfloat16 (computed in float32 and cast). Where the weights cancel so
+        that float32 cannot represent B̂ = Σ ω_k Y_k accurately (:meth:`cancellation_of` above
+        :data:`REDUCED_PRECISION_CANCELLATION`, e.g. geometric grids with K ≥ 6 at H > ½), the path is computed in
+        float64 and cast: the returned dtype is always the one asked for, never a distorted path.
+
+        Both methods are exact on any grid; they consume the generator differently, so a seed gives different
         (equally distributed) paths under the two methods.
         """
         V.check_batch_size(batch_size)
         V.check_choice(method, "method", SAMPLE_METHODS)
         if method == "auto":
-            method = "state" if return_state else "innovations"
-        if return_state and method != "state":
-            raise ValueError("method='innovations' draws B̂ alone (one normal per step), not the OU states; "
-                             "use method='state' (or 'auto') with return_state=True")
+            method = "state" if (return_state or return_brownian) else "innovations"
+        if (return_state or return_brownian) and method != "state":
+            raise ValueError("method='innovations' draws B̂ alone (one normal per step), not the OU states or W; "
+                             "use method='state' (or 'auto') with return_state/return_brownian")
         dtype, out_dtype = V.sampling_dtypes(dtype)          # float16/bfloat16: computed in float32
+        if dtype != torch.float64 and self.cancellation_of() > REDUCED_PRECISION_CANCELLATION:
+            dtype = torch.float64
         device = V.check_device(device) if device is not None else self.gammas.device
-        ts64 = V.as_times(ts, dtype=torch.float64).to(device)
+        ts64 = V.as_times(ts, dtype=torch.float64).to(device=device, dtype=torch.float64)
         if method == "innovations":
             return self._sample_innovations(ts64, batch_size, generator, dtype, device).to(out_dtype)
-        out = self._sample_state(ts64, batch_size, generator, dtype, device, return_state)
-        return tuple(o.to(out_dtype) for o in out) if return_state else out.to(out_dtype)
+        out = self._sample_state(ts64, batch_size, generator, dtype, device, return_state, return_brownian)
+        return tuple(o.to(out_dtype) for o in out) if isinstance(out, tuple) else out.to(out_dtype)
 
     def _sample_innovations(self, ts64, batch_size, generator, dtype, device):
         """B̂ from one normal per step, by the block operators of :func:`_innovations_plan` (see there)."""
@@ -353,45 +412,53 @@ class MarkovNoise(nn.Module):
             plan["cast"][(dtype, device)] = cast
         return cast
 
-    def _sample_state(self, ts64, batch_size, generator, dtype, device, return_state):
-        """The full-state sampler: K correlated normals per step (see :meth:`sample`, method ``"state"``)."""
+    def _sample_state(self, ts64, batch_size, generator, dtype, device, return_state, return_brownian=False):
+        """The full-state sampler: K correlated normals per step (see :meth:`sample`, method ``"state"``).
+
+        With ``return_brownian`` the state carries W as one more component of rate 0 (decay 1, innovation ΔW).
+        """
         prepend = bool(ts64[0] > 0)
         grid = torch.cat([ts64.new_zeros(1), ts64]) if prepend else ts64
         g = self.gammas.to(device=device, dtype=torch.float64)
         K = g.numel()
+        if return_brownian:
+            g = torch.cat([g, g.new_zeros(1)])
+        D = g.numel()
 
         y0 = self.initial_state(batch_size, generator, dtype, device)
         n_steps = grid.numel() - 1
-        # Layout (time, K, batch): each step of the recursion is one fused kernel on a contiguous
-        # (K, batch) slab (a Python loop launches one op per step and never syncs with the host).
+        # Layout (time, D, batch): each step of the recursion is one fused kernel on a contiguous
+        # (D, batch) slab (a Python loop launches one op per step and never syncs with the host).
         # Normals are drawn block by block into one reused, cache-sized buffer and mixed into
         # correlated innovations directly inside the state buffer: no full-size temporaries, whose
         # page faults (measured here) cost more than the arithmetic.
-        states = torch.empty(grid.numel(), K, batch_size, dtype=dtype, device=device)
-        states[0] = y0.T
+        states = torch.empty(grid.numel(), D, batch_size, dtype=dtype, device=device)
+        states[0, :K] = y0.T
+        if return_brownian:
+            states[0, K] = 0.0
         if n_steps > 0:
             h = torch.diff(grid)
             h_mean = h.mean()
             uniform = is_uniform_grid(grid)
             if uniform:
-                L_host = psd_factor(self.ou_covariance(h_mean)).tolist()          # one factor, all steps
-                decay = torch.exp(-h_mean * g).to(dtype)[None, :, None].expand(n_steps, K, 1)
+                L_host = psd_factor(step_covariance(g, h_mean)).tolist()          # one factor, all steps
+                decay = torch.exp(-h_mean * g).to(dtype)[None, :, None].expand(n_steps, D, 1)
             else:
-                L = psd_factor(self.ou_covariance(h)).to(dtype)                  # (n, K, K)
-                decay = torch.exp(-h[:, None, None] * g[:, None]).to(dtype)      # (n, K, 1)
+                L = psd_factor(step_covariance(g, h)).to(dtype)                  # (n, D, D)
+                decay = torch.exp(-h[:, None, None] * g[:, None]).to(dtype)      # (n, D, 1)
             # blocks of <= 2^15 elements per op: below ATen's parallel grain, so these small ops never wait on
             # an OpenMP team (on a busy host that wait dominated: 0.6 s instead of 0.04 s per call)
             block = max(1, min(n_steps, (1 << 15) // batch_size))
-            noise = torch.empty(block, K, batch_size, dtype=dtype, device=device)
+            noise = torch.empty(block, D, batch_size, dtype=dtype, device=device)
             for start in range(1, n_steps + 1, block):
                 stop = min(start + block, n_steps + 1)
                 z = torch.randn(noise.shape, generator=generator, dtype=dtype, device=device, out=noise)
                 z = z[:stop - start]
                 out = states[start:stop]
-                if uniform:   # K^2 scalar multiply-adds on cache-resident slabs
-                    for i in range(K):
+                if uniform:   # D^2 scalar multiply-adds on cache-resident slabs
+                    for i in range(D):
                         torch.mul(z[:, 0], L_host[i][0], out=out[:, i])
-                        for j in range(1, K):
+                        for j in range(1, D):
                             if L_host[i][j] != 0.0:        # Cholesky factors are lower triangular
                                 out[:, i].add_(z[:, j], alpha=L_host[i][j])
                 else:
@@ -399,13 +466,15 @@ class MarkovNoise(nn.Module):
                 for n in range(start, stop):
                     torch.addcmul(states[n], states[n - 1], decay[n - 1], out=states[n])
 
-        y = states[1:] if prepend else states                                     # (N, K, batch)
-        y = get_kind(self.kind).read_out(y, y0.T)
+        states = states[1:] if prepend else states                                # (N, D, batch)
+        y = get_kind(self.kind).read_out(states[:, :K], y0.T)
         w = self.weights.detach().to(dtype)
         paths = torch.mul(y[:, 0].T, w[0])
         for k in range(1, K):
             paths.add_(y[:, k].T, alpha=float(w[k]))
-        if not return_state:
-            return paths
-        y = states[1:] if prepend else states
-        return paths, y.permute(2, 0, 1).contiguous()
+        out = [paths]
+        if return_state:
+            out.append(states[:, :K].permute(2, 0, 1).contiguous())
+        if return_brownian:
+            out.append(states[:, K].T.contiguous())
+        return tuple(out) if len(out) > 1 else paths
