@@ -24,6 +24,11 @@ __all__ = ["gammainc", "gammainc_grad_a"]
 def gammainc_grad_a(a: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """∂P(a, x)/∂a for a > 0, x ≥ 0, elementwise with broadcasting (computed by series)."""
     a, x = torch.broadcast_tensors(a, x)
+    # Q(a, x) = 1 − P ~ x^{a−1} e^{−x}/Γ(a) underflows float64 past x ≈ 745 + (a−1) log x: there ∂P/∂a = 0 (the
+    # optimal Markov rates reach x = γT ~ 1e27, where the series would need ~1e27 terms)
+    far = x > _FAR + 2.0 * a.abs() * torch.log1p(x.abs()).clamp(max=200.0)
+    x_all = x
+    x = torch.where(far, torch.zeros_like(x), x)
     xmax = float(x.detach().max()) if x.numel() else 0.0
     n_terms = int(xmax + 12.0 * math.sqrt(xmax) + 40)
     n = torch.arange(n_terms, dtype=a.dtype, device=a.device)
@@ -34,7 +39,11 @@ def gammainc_grad_a(a: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     log_x = torch.log(safe_x)
     log_term = (a_ + n) * log_x - safe_x - torch.lgamma(a_ + n + 1)
     grad = (torch.exp(log_term) * (log_x - torch.digamma(a_ + n + 1))).sum(-1)
-    return torch.where(x > 0, grad, torch.zeros_like(grad))
+    return torch.where((x > 0) & ~far, grad, torch.zeros_like(grad)) if x_all.numel() else grad
+
+
+#: beyond x ≈ this (plus the x^{a−1} factor) the upper incomplete gamma is below float64's smallest number
+_FAR = 760.0
 
 
 class _GammaInc(torch.autograd.Function):
