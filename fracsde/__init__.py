@@ -4,6 +4,7 @@ from .fbm import FractionalBrownianMotion
 from .noise import MarkovNoise
 from .markov import MarkovApproxFBM, geometric_gammas, optimal_weights
 from .rules import RATE_RULES, RateRule, markov_rates, strong_error
+from .volterra import VolterraSDE, volterra_sdeint
 from .linear import LinearFractionalDynamics, VESchedule, VPSchedule
 from .reverse import ReverseTimeSDE, euler_maruyama
 from .sde import FractionalSDE, NonFiniteStateError, StiffnessWarning, default_method, sdeint, supported_methods
@@ -30,6 +31,8 @@ __all__ = [
     "RateRule",
     "markov_rates",
     "strong_error",
+    "VolterraSDE",
+    "volterra_sdeint",
     "FractionalSDE",
     "sdeint",
     "NonFiniteStateError",

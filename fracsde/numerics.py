@@ -17,7 +17,7 @@ import math
 import numpy as np
 import torch
 
-__all__ = ["psd_factor", "jittered_cholesky", "is_uniform_grid", "UNIFORM_GRID_ULPS", "augmented_system",
+__all__ = ["psd_factor", "graded_psd_factor", "jittered_cholesky", "is_uniform_grid", "UNIFORM_GRID_ULPS", "augmented_system",
            "discretize_linear_sde", "check_shape", "log_linear_grid", "log_linear_grid_times"]
 
 #: Steps count as equal when they differ by at most this many ulps of the grid's largest time: the rounding
@@ -39,6 +39,18 @@ def psd_factor(cov: torch.Tensor) -> torch.Tensor:
         return L
     evals, evecs = torch.linalg.eigh(cov)
     return evecs * torch.sqrt(torch.clamp(evals, min=0.0))[..., None, :]
+
+
+def graded_psd_factor(cov: torch.Tensor) -> torch.Tensor:
+    """:func:`psd_factor` of D^{−½} cov D^{−½} (D = diag(cov)), scaled back: accurate entry by entry for graded
+    matrices whose variances span many orders (OU innovations with rates 1e−1..1e27 have variances h..1e−27,
+    where an unscaled factor is accurate only relative to the largest). Zero variances stay zero. float64.
+    """
+    cov = cov.to(torch.float64)
+    d = torch.sqrt(torch.diagonal(cov, dim1=-2, dim2=-1).clamp(min=0.0))
+    inv = torch.where(d > 0, 1.0 / torch.where(d > 0, d, torch.ones_like(d)), torch.zeros_like(d))
+    scaled = cov * inv[..., :, None] * inv[..., None, :]
+    return d[..., :, None] * psd_factor(scaled)
 
 
 def jittered_cholesky(cov: torch.Tensor, relative_jitter: float = 1e-13) -> torch.Tensor:
