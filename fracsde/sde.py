@@ -31,7 +31,8 @@ from ._warnings import FracsdeWarning
 from .kinds import get_kind
 from .noise import MarkovNoise
 
-__all__ = ["FractionalSDE", "sdeint", "NonFiniteStateError", "StiffnessWarning",
+__all__ = ["FractionalSDE", "sdeint", "NonFiniteStateError", "StiffnessWarning", "EXPONENTIAL_EULER",
+           "EXPLICIT_STABILITY_LIMIT",
            "supported_methods", "default_method"]
 
 NOISE_TYPES = ("diagonal", "scalar", "additive", "general")
@@ -60,6 +61,14 @@ _REVERSIBLE_HEUN_MAX_GROWTH = math.log(1e3)
 _CHECKPOINT_GROWTH = 2.0
 _SOLVER_OPTIONS = ("rtol", "atol", "dt_min", "options")
 _ADJOINT_OPTIONS = ("adjoint_adaptive", "adjoint_rtol", "adjoint_atol", "adjoint_options", "adjoint_params")
+
+
+#: fracsde's exponential integrator (see :func:`_solve_exponential_euler`).
+EXPONENTIAL_EULER = "exponential_euler"
+#: Explicit methods diverge on dy = −γy dt once γ·dt exceeds this (Euler, midpoint and Heun: |1 − z + …| > 1).
+EXPLICIT_STABILITY_LIMIT = 2.0
+#: Steps per gradient checkpoint of exponential_euler: backpropagation keeps one segment's graph at a time.
+_EXPONENTIAL_SEGMENT = 64
 
 
 class StiffnessWarning(FracsdeWarning):
@@ -131,13 +140,16 @@ class FractionalSDE(nn.Module):
 # method selection
 # ---------------------------------------------------------------------------------------------
 def supported_methods(noise_type: str, sde_type: str) -> tuple:
-    """Methods :func:`sdeint` accepts for a user noise type and sde type (additive: both sde types)."""
+    """Methods :func:`sdeint` accepts for a user noise type and sde type (additive: both sde types).
+
+    torchsde's methods, then ``"exponential_euler"`` (fracsde's own, every noise type and both sde types).
+    """
     V.check_choice(noise_type, "noise_type", NOISE_TYPES)
     V.check_choice(sde_type, "sde_type", SDE_TYPES)
     aug = _TORCHSDE_NOISE[noise_type]
     if aug == "additive":  # Itô = Stratonovich: every method of either type applies
-        return _ITO[aug] + tuple(m for m in _STRAT[aug] if m not in _ITO[aug])
-    return (_ITO if sde_type == "ito" else _STRAT)[aug]
+        return _ITO[aug] + tuple(m for m in _STRAT[aug] if m not in _ITO[aug]) + (EXPONENTIAL_EULER,)
+    return (_ITO if sde_type == "ito" else _STRAT)[aug] + (EXPONENTIAL_EULER,)
 
 
 def default_method(noise_type: str, sde_type: str, adjoint: bool = False) -> str:
@@ -166,6 +178,14 @@ def _resolve_methods(noise_type, sde_type, method, adjoint, adjoint_method):
     if method not in ok:
         raise ValueError(f"method {method!r} does not support noise_type={noise_type!r} with sde_type={sde_type!r} "
                          f"(torchsde noise type {aug!r} after augmentation); methods that work: {ok}")
+    if method == EXPONENTIAL_EULER:
+        if adjoint:
+            raise ValueError("method='exponential_euler' has no adjoint (torchsde's adjoint integrates its own "
+                             "explicit scheme, which the stiff OU rates would break); use adjoint=False: gradients "
+                             "then flow by backpropagation with memory bounded by checkpointing")
+        if adjoint_method is not None:
+            raise ValueError("adjoint_method is only used with adjoint=True")
+        return method, sde_type, None
     ts_sde_type = sde_type
     if aug == "additive":  # both readings agree: take the one the method is written for
         ts_sde_type = _METHOD_SDE_TYPE.get(method, sde_type)
@@ -499,6 +519,119 @@ def _solve_adjoint(sde, aug, z0, ts, omega, adjoint_method, adjoint_checkpoints,
     return zs if keep is None else zs[keep]
 
 
+def _choose_stiff_method(noise, dt, adaptive, method, chosen, adjoint, control, bm, solver_options):
+    """Where γ_max·dt exceeds the explicit stability limit: switch to exponential_euler when the user chose no
+    method (and nothing needs torchsde), refuse otherwise, naming it. Check exponential_euler's own limits."""
+    z = noise.gamma_max * dt
+    if method != EXPONENTIAL_EULER and not adaptive and z > EXPLICIT_STABILITY_LIMIT:
+        if not chosen and not adjoint and control is None and bm is None and not solver_options:
+            return EXPONENTIAL_EULER
+        raise ValueError(f"gamma_max * dt = {noise.gamma_max:g} * {dt:g} = {z:.3g} exceeds the stability limit "
+                         f"{EXPLICIT_STABILITY_LIMIT:g} of every explicit method (method={method!r} would diverge "
+                         f"to NaN): use method='exponential_euler' (exact OU steps, stable at any rate; no adjoint), "
+                         f"dt <= {EXPLICIT_STABILITY_LIMIT / noise.gamma_max:.3g}, or a rule with max_rate <= "
+                         f"{EXPLICIT_STABILITY_LIMIT / dt:.3g}")
+    if method == EXPONENTIAL_EULER:
+        for bad, why in ((adaptive, "adaptive=True (it takes fixed steps)"), (control is not None, "a control "
+                         "(the KL of a controlled path needs torchsde's solvers)"), (bm is not None, "bm (it "
+                         "draws the OU integrals exactly, which a Brownian motion object cannot give)"),
+                         (bool(solver_options), f"solver options {sorted(solver_options)}")):
+            if bad:
+                raise ValueError(f"method='exponential_euler' does not take {why}")
+    return method
+
+
+def _solve_exponential_euler(sde, x0, ts, dt, generator, entropy, return_noise, check_finite):
+    """fracsde's exponential Euler scheme on the augmented state (x, Y) (see :func:`sdeint`).
+
+    Per step h: the OU factors take their exact Gaussian step Y' = e^{−γh}Y + ξ, drawn jointly with nothing else
+    (ΔB̂ = ωᵀ(Y' − Y) is the exact increment of B̂); x takes an Euler step driven by it, x' = x + f h + g ΔB̂ (Itô),
+    or a Heun step x' = x + ½(f + f̃)h + ½(g + g̃)ΔB̂ with the predictor's f̃, g̃ (Stratonovich). Stable at any
+    γ·h. Backpropagation recomputes segments of :data:`_EXPONENTIAL_SEGMENT` steps (checkpointing), so memory
+    holds one segment's graph plus the outputs.
+    """
+    from torch.utils.checkpoint import checkpoint
+
+    from .noise import REDUCED_PRECISION_CANCELLATION, step_covariance
+    from .numerics import graded_psd_factor
+
+    noise = sde.noise
+    batch, shape = x0.shape[0], tuple(x0.shape[1:])
+    d = math.prod(shape)
+    m = _check_outputs(sde, ts[0], x0, None)
+    K = noise.num_processes
+    dtype, device = x0.dtype, x0.device
+    work = torch.float64 if (dtype != torch.float64 and noise.cancellation_of() > REDUCED_PRECISION_CANCELLATION) \
+        else dtype
+    if generator is None and entropy is not None:
+        generator = torch.Generator(device=device).manual_seed(int(entropy))
+    omega = noise.weights.to(device=device, dtype=work)
+    gammas = noise.gammas.to(device=device, dtype=torch.float64)
+    mul = _MUL[sde.noise_type]
+    user_noise = sde.noise_type
+    strat = sde.sde_type == "stratonovich" and user_noise != "additive"
+
+    def user_g(t, x):
+        g = sde.g(t, x)
+        return g.reshape(batch, d) if user_noise == "diagonal" else g.reshape(batch, d, -1)
+
+    def drift(t, x):
+        return sde.f(t, x).reshape(batch, d)
+
+    # the flat step list: (t, h, index of the output reached at the end of the step or −1)
+    times = ts.tolist()
+    steps = []
+    for i in range(len(times) - 1):
+        n = max(1, math.ceil((times[i + 1] - times[i]) / dt - 1e-9))
+        h = (times[i + 1] - times[i]) / n
+        steps += [(times[i] + j * h, h, -1) for j in range(n - 1)] + [(times[i] + (n - 1) * h, h, i + 1)]
+    factors = {}
+    for _, h, _ in steps:
+        if h not in factors:
+            factors[h] = (torch.exp(-gammas * h).to(work), graded_psd_factor(step_covariance(gammas, h)).to(work))
+
+    def segment(x, y, z, seg):
+        outs = []
+        for (t, h, out), zn in zip(seg, z.unbind(0)):
+            decay, L = factors[h]
+            y_new = decay * y + zn @ L.T                                 # (batch, m, K), exact OU step
+            db = ((y_new - y) @ omega).to(dtype)                        # (batch, m): exact increment of B̂
+            xs_ = x.reshape(batch, *shape)
+            fx, gx = drift(t, xs_), user_g(t, xs_)
+            x_pred = x + fx * h + mul(gx, db)
+            if strat:
+                xp = x_pred.reshape(batch, *shape)
+                x = x + 0.5 * (fx + drift(t + h, xp)) * h + mul(0.5 * (gx + user_g(t + h, xp)), db)
+            else:
+                x = x_pred
+            y = y_new
+            if out >= 0:
+                outs += [x, y]
+        return (x, y, *outs)
+
+    y0 = noise.initial_state(batch * m, generator=generator, dtype=work, device=device).reshape(batch, m, K)
+    x, y = x0.reshape(batch, d), y0
+    xs, ys = [x], [y0]
+    grad = torch.is_grad_enabled() and (x0.requires_grad or omega.requires_grad or any(
+        p.requires_grad for p in sde.parameters()))
+    for start in range(0, len(steps), _EXPONENTIAL_SEGMENT):
+        seg = steps[start:start + _EXPONENTIAL_SEGMENT]
+        z = torch.randn(len(seg), batch, m, K, generator=generator, dtype=work, device=device)
+        res = checkpoint(segment, x, y, z, seg, use_reentrant=False) if grad else segment(x, y, z, seg)
+        x, y = res[0], res[1]
+        xs += list(res[2::2])
+        ys += list(res[3::2])
+        if check_finite and not bool(torch.isfinite(x).all()):
+            raise NonFiniteStateError(f"the solution became NaN/inf before t = {seg[-1][0] + seg[-1][1]:g} "
+                                      f"(exponential_euler: the OU part is exact, so f or g produced it)")
+    out = torch.stack(xs).reshape(ts.numel(), batch, *shape)
+    if not return_noise:
+        return out
+    yt = torch.stack(ys)                                                  # (len(ts), batch, m, K)
+    yt = get_kind(noise.kind).read_out(yt, y0)
+    return out, (yt @ omega).to(dtype)
+
+
 # ---------------------------------------------------------------------------------------------
 # the solve
 # ---------------------------------------------------------------------------------------------
@@ -515,8 +648,14 @@ def sdeint(sde: FractionalSDE, x0: torch.Tensor, ts, method: Optional[str] = Non
         x0: ``(batch, *shape)`` initial state, float32 or float64.
         ts: strictly increasing, non-negative output times; the noise starts at ``ts[0]``
             (OU states zero for type II, stationary draw for type I).
-        method: a torchsde method name; ``None`` picks :func:`default_method`. Unsupported
-            (noise type, method) pairs raise ``ValueError`` listing :func:`supported_methods`.
+        method: a torchsde method name, or ``"exponential_euler"`` (fracsde's: the OU factors take their exact
+            Gaussian step, x an Euler step (Itô) or a Heun step (Stratonovich) driven by the exact increment of
+            B̂; stable at any γ_max·dt; every noise type; no adjoint — gradients by backpropagation with
+            checkpointing, memory bounded). ``None`` picks :func:`default_method`, or ``"exponential_euler"``
+            when γ_max·dt exceeds :data:`EXPLICIT_STABILITY_LIMIT` (and neither adjoint, control nor bm asks for
+            torchsde). A chosen explicit method beyond that limit is refused, naming exponential_euler, instead
+            of diverging to NaN. Unsupported (noise type, method) pairs raise ``ValueError`` listing
+            :func:`supported_methods`.
         dt: fixed step (or the first step when ``adaptive``), also the Brownian motion's hint.
         adjoint: use torchsde's stochastic adjoint (memory constant in the number of steps).
         adjoint_method: method of the backward solve (default: the reversible adjoint for
@@ -546,9 +685,13 @@ def sdeint(sde: FractionalSDE, x0: torch.Tensor, ts, method: Optional[str] = Non
     dy_k = (−γ_k y_k + u) dt + dW, dx = f dt + g dB̂ with dB̂ = −Σωγy dt + Σω (dW + u dt): the
     driving Brownian motion is shifted by ∫u dt, so by Girsanov the path KL is ½∫|u|² dt.
     """
+    chosen = method is not None
     ts, dt, control, (method, ts_sde_type, adjoint_method) = _check_solve(
         sde, x0, ts, method, dt, adjoint, adjoint_method, return_kl, solver_options)
     noise = sde.noise
+    method = _choose_stiff_method(noise, dt, adaptive, method, chosen, adjoint, control, bm, solver_options)
+    if method == EXPONENTIAL_EULER:
+        return _solve_exponential_euler(sde, x0, ts, dt, generator, entropy, return_noise, check_finite)
     _warn_if_stiff(noise, ts, dt, adaptive, method, adjoint)
     batch, shape = x0.shape[0], tuple(x0.shape[1:])
     m = _check_outputs(sde, ts[0], x0, control)

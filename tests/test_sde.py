@@ -94,7 +94,7 @@ def test_default_methods_and_support_table():
     assert default_method("general", "stratonovich", adjoint=True) == "midpoint"
     assert default_method("general", "ito", adjoint=True) == "euler"
     assert "srk" in supported_methods("additive", "stratonovich")  # Itô = Stratonovich for additive noise
-    assert supported_methods("general", "ito") == ("euler",)
+    assert supported_methods("general", "ito") == ("euler", "exponential_euler")
     assert "milstein" not in supported_methods("diagonal", "stratonovich")
 
 
