@@ -77,7 +77,7 @@ def batch_table(args):
         if before:   # the code before issue 13: ω solved one H at a time, the general associative scan
             d.weights = torch.stack([optimal_weights(hi, d.gammas, d.kind, d.horizon).weights
                                      for hi in h.reshape(-1).unbind(0)]).reshape(h.shape + d.gammas.shape)
-            d._transitions                       # the per-step (A, Q) as before: gathered from the two distinct
+            _ = d._transitions                   # the per-step (A, Q) as before: gathered from the two distinct
             d._uniform_steps = False             # steps; then the scan takes the general route
         return d
 
@@ -99,7 +99,7 @@ def batch_table(args):
             ("batched, now (one ω solve, shared scan)", lambda: batched(False))]
     times = {}
     for name, fn in rows:
-        times[name] = _time(lambda: out.__setitem__(name, fn()), args.repeats)
+        times[name] = _time(lambda name=name, fn=fn: out.__setitem__(name, fn()), args.repeats)
     print(f"\nlog_prob + d/dH for {S} series x {n} steps with {S} different H (K={K}, float64, "
           f"{args.threads} thread(s)); best of {args.repeats}")
     head = (f"{'method':42s} | {'time [ms]':>9s} | {'loop now / this':>15s} | {'loop before / this':>18s} | "
@@ -114,42 +114,45 @@ def batch_table(args):
               f"{float((grad - ref_grad).abs().max()):12.1e}")
 
 
-def size_table(args):
+def _size_row(args, n: int) -> dict:
+    """Timings of one series length ``n`` (the dense ones only up to --dense-max)."""
     f64 = torch.float64
-    rows = []
-    for n in sorted(args.sizes):
-        ts = torch.linspace(0, 1, n + 1, dtype=f64)[1:]
-        hurst = torch.tensor(args.hurst, dtype=f64)
-        dist = FractionalOU(hurst, 2.0, 1.0, ts, 0.05, num_processes=args.num_processes)
-        torch.manual_seed(0)
-        y = dist.sample()
+    ts = torch.linspace(0, 1, n + 1, dtype=f64)[1:]
+    hurst = torch.tensor(args.hurst, dtype=f64)
+    dist = FractionalOU(hurst, 2.0, 1.0, ts, 0.05, num_processes=args.num_processes)
+    torch.manual_seed(0)
+    y = dist.sample()
 
-        def kalman():
-            return FractionalOU(hurst, 2.0, 1.0, ts, 0.05, num_processes=args.num_processes).log_prob(y)
+    def kalman():
+        return FractionalOU(hurst, 2.0, 1.0, ts, 0.05, num_processes=args.num_processes).log_prob(y)
 
-        def kalman_grad():
-            h = hurst.clone().requires_grad_()
-            FractionalOU(h, 2.0, 1.0, ts, 0.05, num_processes=args.num_processes).log_prob(y).backward()
+    def kalman_grad():
+        h = hurst.clone().requires_grad_()
+        FractionalOU(h, 2.0, 1.0, ts, 0.05, num_processes=args.num_processes).log_prob(y).backward()
 
-        t_k = _time(kalman, args.repeats)
-        t_kg = _time(kalman_grad, args.repeats)
-        row = dict(n=n, kalman=t_k, kalman_grad=t_kg, measured=n <= args.dense_max)
-        if row["measured"]:
-            reps = args.repeats if n <= 2048 else 1
-            cov = {}
+    t_k = _time(kalman, args.repeats)
+    t_kg = _time(kalman_grad, args.repeats)
+    row = dict(n=n, kalman=t_k, kalman_grad=t_kg, measured=n <= args.dense_max)
+    if row["measured"]:
+        reps = args.repeats if n <= 2048 else 1
+        cov = {}
 
-            def build():
-                cov["C"] = x_covariance(dist) + 0.05 ** 2 * torch.eye(n, dtype=f64)
+        def build():
+            cov["C"] = x_covariance(dist) + 0.05 ** 2 * torch.eye(n, dtype=f64)
 
-            def dense_lp():
-                mvn = torch.distributions.MultivariateNormal(dist.mean, covariance_matrix=cov["C"])
-                return mvn.log_prob(y)
+        def dense_lp():
+            mvn = torch.distributions.MultivariateNormal(dist.mean, covariance_matrix=cov["C"])
+            return mvn.log_prob(y)
 
-            row["build"] = _time(build, reps)
-            row["dense"] = _time(dense_lp, reps)
-            row["diff"] = float((dense_lp() - kalman()).abs())
-            cov.clear()
-        rows.append(row)
+        row["build"] = _time(build, reps)
+        row["dense"] = _time(dense_lp, reps)
+        row["diff"] = float((dense_lp() - kalman()).abs())
+        cov.clear()
+    return row
+
+
+def size_table(args):
+    rows = [_size_row(args, n) for n in sorted(args.sizes)]
 
     # extrapolate the dense times beyond --dense-max from the largest measured size (cubic / quadratic)
     ref = max((r for r in rows if r["measured"]), key=lambda r: r["n"], default=None)

@@ -53,7 +53,8 @@ class SmallConvNet(nn.Module):
 
 
 def bench_training(batch: int, size: int, repeats: int, device: str) -> dict:
-    dyns = {"VP": DynamicsSpec.parse("vp").build().to(device), "FVP(H=0.9,K=3)": FVP(hurst=0.9, num_processes=3).to(device)}
+    dyns = {"VP": DynamicsSpec.parse("vp").build().to(device),
+            "FVP(H=0.9,K=3)": FVP(hurst=0.9, num_processes=3).to(device)}
     torch.manual_seed(0)
     net = SmallConvNet().to(device)
     opt = torch.optim.Adam(net.parameters(), lr=1e-4)
@@ -150,7 +151,8 @@ def main(argv=None) -> int:
         prealloc = r["steps"] * a.sample_batch * d * 4 / 2 ** 20
         extra = f", cuda peak {r['cuda_peak_mb']:.1f} MB" if "cuda_peak_mb" in r else ""
         print(f"  steps {r['steps']:5d}: peak RSS {r['peak_rss_mb']:8.1f} MB (growth during sampling "
-              f"{r['rss_growth_mb']:6.1f} MB{extra}); pre-allocated noise would be {prealloc:8.1f} MB; {r['seconds']:.1f} s")
+              f"{r['rss_growth_mb']:6.1f} MB{extra}); pre-allocated noise would be {prealloc:8.1f} MB; "
+              f"{r['seconds']:.1f} s")
     key = "cuda_peak_mb" if "cuda_peak_mb" in mem[0] else "peak_rss_mb"
     print(f"  peak memory ratio 1000/100 steps: {mem[1][key] / mem[0][key]:.3f}   (target ~1)")
     return 0

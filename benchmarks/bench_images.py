@@ -154,8 +154,8 @@ def main(argv=None) -> int:
         for name, spec in SPECS.items():
             train_t[name].append(time_training(args.preset, args.batch_size, args.train_steps, device, spec))
             sample_t[name].append(time_sampling(args.preset, args.sample_batch, args.sample_steps, device, spec))
-    train_ratio = statistics.median(f / v for f, v in zip(train_t["fvp"], train_t["vp"]))
-    sample_ratio = statistics.median(f / v for f, v in zip(sample_t["fvp"], sample_t["vp"]))
+    train_ratio = statistics.median(f / v for f, v in zip(train_t["fvp"], train_t["vp"], strict=True))
+    sample_ratio = statistics.median(f / v for f, v in zip(sample_t["fvp"], sample_t["vp"], strict=True))
     res = {"preset": args.preset, "device": str(device), "threads": torch.get_num_threads()}
     for name in ("vp", "fvp"):
         res[f"train_img_per_s_{name}"] = args.batch_size / statistics.median(train_t[name])
@@ -177,7 +177,7 @@ def main(argv=None) -> int:
     pixels = PRESETS[args.preset].in_channels * PRESETS[args.preset].image_size ** 2
     res["memory"] = {f"{n}@{s}": v for (n, s), v in mem.items()}
 
-    print(f"\n| | VP | FVP(H=0.9,K=3) | FVP / VP time |")
+    print("\n| | VP | FVP(H=0.9,K=3) | FVP / VP time |")
     print("|---|---|---|---|")
     print(f"| training img/s | {res['train_img_per_s_vp']:.0f} | {res['train_img_per_s_fvp']:.0f} | "
           f"{train_ratio:.3f} (target <= 1.05) |")

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from fracsde import PriorMismatchWarning
-from models.gfdm import FVE, FVP, GaussianEpsModel, GaussianMixtureEpsModel, sample
+from models.gfdm import FVE, FVP, GaussianEpsModel, sample
 from models.gfdm.sampling import DETERMINISTIC, SAMPLER_INFO, SAMPLERS
 
 F64 = torch.float64
@@ -102,7 +102,8 @@ def case1_tables(rows, orders):
     for (dname, method, grid), errs in rows.items():
         cells = [f"{100 * errs[n][1]:+.2f}" if n in errs else "" for n in NFES]
         order = orders.get((dname, method, grid))
-        lines.append(f"| {dname} | {method} | {grid} | " + " | ".join(cells) + f" | {'' if order is None else f'{order:.2f}'} |")
+        order_cell = "" if order is None else f"{order:.2f}"
+        lines.append(f"| {dname} | {method} | {grid} | " + " | ".join(cells) + f" | {order_cell} |")
     best = ["| dynamics | best at 20 NFE (sampler, grid) | std error | mean error |", "|---|---|---|---|"]
     for dname in DYNAMICS:
         cands = [(abs(e[20][1]), m, g, e[20]) for (d, m, g), e in rows.items() if d == dname and 20 in e]
@@ -159,8 +160,9 @@ class FlatMixture:
         return eps.reshape(u.shape).to(u.dtype)
 
 
-def case2(log, num=500, components=1500, dnames=("VP", "FVP(0.9,2)", "FVP(0.9,3)"), samplers=(("dpm++2m", 10), ("dpm++2m", 20),
-          ("ddim", 20), ("sde-dpm++2m", 20), ("ancestral", 50), ("ode-heun", 19), ("sde", 20), ("sde", 200))):
+def case2(log, num=500, components=1500, dnames=("VP", "FVP(0.9,2)", "FVP(0.9,3)"),
+          samplers=(("dpm++2m", 10), ("dpm++2m", 20), ("ddim", 20), ("sde-dpm++2m", 20), ("ancestral", 50),
+                    ("ode-heun", 19), ("sde", 20), ("sde", 200))):
     from models.gfdm.data import load_dataset
     from models.gfdm.metrics import FeatureStats, feature_extractor, fid, pixel_vendi_score, quantize, reference_stats
     train, test = load_dataset("digits", split="train"), load_dataset("digits", split="test")
@@ -172,8 +174,9 @@ def case2(log, num=500, components=1500, dnames=("VP", "FVP(0.9,2)", "FVP(0.9,3)
     for dname in dnames:
         dyn = build(dname)
         eps = FlatMixture(dyn, images, 0.02)
-        draw = lambda method, nfe, seed: sample(eps, dyn, (num, 1, 8, 8), steps=nfe, method=method,  # noqa: E731
-                                                generator=torch.Generator().manual_seed(seed))
+        def draw(method, nfe, seed, eps=eps, dyn=dyn):    # eps, dyn bound: called in this iteration only
+            return sample(eps, dyn, (num, 1, 8, 8), steps=nfe, method=method,
+                          generator=torch.Generator().manual_seed(seed))
         em = to_metric(draw("sde", 1000, 1))
         em_ref = FeatureStats.from_features(extractor(em))
         out[(dname, "sde", 1000)] = {"fid_data": fid(extractor, em, data_ref),
@@ -183,7 +186,8 @@ def case2(log, num=500, components=1500, dnames=("VP", "FVP(0.9,2)", "FVP(0.9,3)
             t0 = time.perf_counter()
             x = to_metric(draw(method, nfe, 2))
             seconds = time.perf_counter() - t0
-            out[(dname, method, nfe)] = {"fid_data": fid(extractor, x, data_ref), "fid_vs_em1000": fid(extractor, x, em_ref),
+            out[(dname, method, nfe)] = {"fid_data": fid(extractor, x, data_ref),
+                                         "fid_vs_em1000": fid(extractor, x, em_ref),
                                          "vs_p": pixel_vendi_score(quantize(x)), "seconds": seconds}
             log(f"case 2: {dname} {method} {nfe}: FID {out[(dname, method, nfe)]['fid_data']:.2f}, "
                 f"vs EM-1000 {out[(dname, method, nfe)]['fid_vs_em1000']:.2f}")
@@ -256,9 +260,10 @@ def main(argv=None):
     if "2" in args.cases:
         r = case2(log)
         md += ["## case 2: exact Gaussian-mixture ε-model of the digits (500 samples)",
-               "| dynamics | sampler | NFE | offline FID vs data | FID vs 1000-step EM | VS_p | s |", "|---|---|---|---|---|---|---|"]
-        md += [f"| {d} | {m} | {n} | {v['fid_data']:.2f} | {v['fid_vs_em1000']:.2f} | {v['vs_p']:.2f} | {v['seconds']:.1f} |"
-               for (d, m, n), v in r.items()]
+               "| dynamics | sampler | NFE | offline FID vs data | FID vs 1000-step EM | VS_p | s |",
+               "|---|---|---|---|---|---|---|"]
+        md += [f"| {d} | {m} | {n} | {v['fid_data']:.2f} | {v['fid_vs_em1000']:.2f} | {v['vs_p']:.2f} | "
+               f"{v['seconds']:.1f} |" for (d, m, n), v in r.items()]
         results["case2"] = {f"{d}|{m}|{n}": v for (d, m, n), v in r.items()}
     if "3" in args.cases:
         r = case3(log)
@@ -268,11 +273,13 @@ def main(argv=None):
         results["case3"] = {f"{d}|{m}|{n}": v for (d, m, n), v in r.items()}
     if "nll" in args.cases:
         r = nll_case(log)
-        md += ["", "## probability-flow NLL (Heun in u, exact divergence), Gaussian oracle N(0.5, 0.2²), 64 points × 4 dims",
+        md += ["", "## probability-flow NLL (Heun in u, exact divergence), Gaussian oracle N(0.5, 0.2²), "
+               "64 points × 4 dims",
                "| dynamics | steps | bits/dim | minus 1000-step | minus exact |", "|---|---|---|---|---|"]
         for (dname, steps), v in r.items():
             if steps != "exact":
-                md.append(f"| {dname} | {steps} | {v:.5f} | {v - r[(dname, 1000)]:+.5f} | {v - r[(dname, 'exact')]:+.5f} |")
+                md.append(f"| {dname} | {steps} | {v:.5f} | {v - r[(dname, 1000)]:+.5f} | "
+                          f"{v - r[(dname, 'exact')]:+.5f} |")
         results["nll"] = {f"{d}|{s_}": v for (d, s_), v in r.items()}
     (out / "tables.md").write_text("\n".join(md) + "\n")
     (out / "results.json").write_text(json.dumps(results, indent=1, default=str))

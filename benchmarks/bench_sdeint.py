@@ -89,13 +89,13 @@ def bench_speed(args):
     for method, sde_type in (("euler", "ito"), ("midpoint", "stratonovich")):
         frac, plain = FractionalMLP(noise, net, sde_type), PlainMLP(net, sde_type)
         for mode in ("forward", "backprop"):
-            def run_frac():
+            def run_frac(mode=mode, frac=frac, method=method):     # bound: called in this iteration
                 with torch.set_grad_enabled(mode == "backprop"):
                     xs = sdeint(frac, x0, ts, method=method, dt=dt, entropy=1)
                     if mode == "backprop":
                         (xs[-1] ** 2).mean().backward()
 
-            def run_plain():
+            def run_plain(mode=mode, plain=plain, method=method):
                 with torch.set_grad_enabled(mode == "backprop"):
                     bm = torchsde.BrownianInterval(0.0, 1.0, size=(args.batch, args.d), entropy=1, dt=dt)
                     xs = torchsde.sdeint(plain, x0, ts, bm=bm, method=method, dt=dt)
@@ -106,7 +106,7 @@ def bench_speed(args):
             for _ in range(args.repeats):  # interleaved, so load changes hit both alike
                 tf.append(timed(run_frac))
                 tp.append(timed(run_plain))
-            pairs = sorted(a / b for a, b in zip(tf, tp))
+            pairs = sorted(a / b for a, b in zip(tf, tp, strict=True))
             print(f"{method:10s} {mode:9s} {min(tf):10.3f} {min(tp):11.3f} {min(tf) / min(tp):6.2f} "
                   f"{pairs[len(pairs) // 2]:7.2f}")
     if args.default_bm:
@@ -234,7 +234,7 @@ def bench_revheun(args):
         noise = MarkovApproxFBM(0.7, num_processes=3, gamma_max=gamma_max)
         base = torchsde.BrownianInterval(0.0, 1.0, size=(64, 1), dtype=torch.float64, entropy=5, dt=0.01)
 
-        def grads(method, dtype, adjoint, checkpoints):
+        def grads(method, dtype, adjoint, checkpoints, *, net64=net64, noise=noise, x0=x0, ts=ts, base=base):
             net = mlp(4, 32).to(dtype)
             net.load_state_dict({k: v.to(dtype) for k, v in net64.state_dict().items()})
             with warnings.catch_warnings():

@@ -75,14 +75,14 @@ def main(argv=None):
             row = json.loads(done.read_text())["rows"][0]
             results.setdefault(name, []).append({"seed": seed, **{k: row[k] for k in
                                                  ("label", "fid", "vs_p", "loss", "train_time_s", "vs_p_data")}})
-            print(f"[{time.perf_counter() - t0:6.0f} s] {name} seed {seed}: FID {row['fid']:.2f}, VS_p {row['vs_p']:.2f}",
-                  flush=True)
+            print(f"[{time.perf_counter() - t0:6.0f} s] {name} seed {seed}: FID {row['fid']:.2f}, "
+                  f"VS_p {row['vs_p']:.2f}", flush=True)
             write(out, results, args)
     return 0
 
 
 def write(out: Path, results: dict, args) -> None:
-    lines = [f"| row | run spec | seeds | offline FID (mean ± std) | VS_p (mean ± std) | final loss |",
+    lines = ["| row | run spec | seeds | offline FID (mean ± std) | VS_p (mean ± std) | final loss |",
              "|---|---|---|---|---|---|"]
     for name, rs in results.items():
         fid = [r["fid"] for r in rs]

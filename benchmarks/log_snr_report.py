@@ -3,8 +3,8 @@
 Prints (markdown) the terminal log-SNR λ(T) over family × H × K, the share of uniform training times with
 |λ| < 4, the ratio σ̃(jitter 1e−4) / σ̃(exact) for the paper's settings, and the validity of the jittered σ̃² as
 a noise schedule: (σ̃²)′ − 2μσ̃² ≥ 0, reported as min_t of ((σ̃²)′ − 2μσ̃²)/σ̃² · t (dimensionless; measured
-by central differences of the tables, independently of the δ the model stores). Writes docs/figures/log_snr.png (λ(t) for the
-paper's settings).
+by central differences of the tables, independently of the δ the model stores). Writes docs/figures/log_snr.png
+(λ(t) for the paper's settings).
 
     python benchmarks/log_snr_report.py [--figure docs/figures/log_snr.png]
 """

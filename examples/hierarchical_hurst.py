@@ -6,9 +6,10 @@ Model (non-centred, so NUTS sees a well-scaled posterior):
 with θ, σ, obs_noise known and B̂ the type II (Riemann–Liouville) MA-fBM. Type I is avoided on purpose: at
 rough H its Markov approximation is poor (30% L2 error at H = 0.1, K = 3), and the type I likelihood of such
 series has a second, spurious mode near H → 0 only 7–60 log-units below the true one (measured on this data),
-where a hierarchical chain gets stuck; the type II likelihood in H is unimodal. All S likelihoods are ONE batched FractionalOU (batch shape (S,)): its weights
-ω(H_i) come from one `optimal_weights` solve and its Kalman scans run together, so a gradient in all
-S + 2 parameters costs one batched log_prob (see docs/pyro.md for the timing against a loop).
+where a hierarchical chain gets stuck; the type II likelihood in H is unimodal. All S likelihoods are ONE batched
+FractionalOU (batch shape (S,)): its weights ω(H_i) come from one `optimal_weights` solve and its Kalman scans
+run together, so a gradient in all S + 2 parameters costs one batched log_prob (see docs/pyro.md for the timing
+against a loop).
 
 Data: H_i drawn from the same prior with (μ, τ) = (0.4, 0.6), then one series per H_i from the model.
 Printed: posterior of (μ, τ) against the truth, and for the H_i the correlation and RMSE of the posterior
@@ -20,13 +21,11 @@ means against the true values, the coverage of the 90% intervals, and the effect
 from __future__ import annotations
 
 import argparse
-import math
 import time
-
-import torch
 
 import pyro
 import pyro.distributions as dist
+import torch
 from pyro.infer import MCMC, NUTS
 from pyro.infer.autoguide import init_to_value
 
@@ -104,8 +103,10 @@ def report(r: dict) -> str:
     return "\n".join([
         f"{r['num_series']} series x {r['num_steps']} steps, NUTS {r['warmup']} warmup + {r['draws']} draws, "
         f"seed {r['seed']}: {r['seconds']:.0f} s",
-        f"mu  = {r['mu'][0]:.3f} ± {r['mu'][1]:.3f}   (true {TRUE_MU}; mean of the drawn logit H_i {r['sample_mu']:.3f})",
-        f"tau = {r['tau'][0]:.3f} ± {r['tau'][1]:.3f}   (true {TRUE_TAU}; sd of the drawn logit H_i {r['sample_tau']:.3f})",
+        f"mu  = {r['mu'][0]:.3f} ± {r['mu'][1]:.3f}   "
+        f"(true {TRUE_MU}; mean of the drawn logit H_i {r['sample_mu']:.3f})",
+        f"tau = {r['tau'][0]:.3f} ± {r['tau'][1]:.3f}   "
+        f"(true {TRUE_TAU}; sd of the drawn logit H_i {r['sample_tau']:.3f})",
         f"H_i: corr(posterior mean, true) = {r['corr']:.3f}, RMSE = {r['rmse']:.4f} "
         f"(sd of the true H_i {r['prior_sd']:.3f}; mean posterior sd {r['mean_sd']:.4f}), "
         f"90% interval coverage = {r['coverage90']:.3f}",

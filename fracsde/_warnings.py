@@ -28,7 +28,8 @@ def user_stacklevel() -> int:
     roots = tuple(os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep + d + os.sep
                   for d in ("fracsde", "models"))
     level = 1
-    frame = inspect.currentframe().f_back           # the function that is about to warn
+    here = inspect.currentframe()
+    frame = here.f_back if here is not None else None      # the function that is about to warn
     while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(roots):
         frame = frame.f_back
         level += 1

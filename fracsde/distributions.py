@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Optional
 
 import numpy as np
 import torch
@@ -262,8 +261,9 @@ class FractionalBrownianPath(TorchDistribution):
     Example:
         >>> ts = torch.arange(1, 501, dtype=torch.float64) / 500
         >>> d = FractionalBrownianPath(torch.tensor(0.7, dtype=torch.float64), ts)
-        >>> x = d.sample()                     # (500,)
-        >>> d.log_prob(x)                      # 0-d, differentiable in hurst
+        >>> x = d.sample()
+        >>> x.shape, d.log_prob(x).shape       # log_prob is differentiable in hurst
+        (torch.Size([500]), torch.Size([]))
     """
 
     arg_constraints = {"hurst": open_unit_interval, "scale": constraints.positive}
@@ -321,7 +321,7 @@ class FractionalBrownianPath(TorchDistribution):
         return torch.linalg.cholesky(self.covariance_matrix)
 
     @lazy_property
-    def _toeplitz_step(self) -> Optional[float]:
+    def _toeplitz_step(self) -> float | None:
         """δ when ts = (δ, 2δ, …, nδ) and kind is type I: the increments are then stationary (fGn)."""
         if not get_kind(self.kind).stationary_increments or self.ts.numel() < 3 or not is_uniform_grid(self.ts):
             return None
@@ -371,7 +371,7 @@ def _associative_scan(combine, elems):
     else:
         even = combine(odd, tuple(e[2::2] for e in elems))
     out = []
-    for e, ev, od in zip(elems, even, odd):
+    for e, ev, od in zip(elems, even, odd, strict=True):
         ev = torch.cat([e[:1], ev], 0)                          # prefixes ending at 0, 2, 4, ...
         m = od.shape[0]
         pairs = torch.stack([ev[:m], od], 1).reshape((2 * m,) + od.shape[1:])
@@ -568,7 +568,8 @@ class FractionalOU(TorchDistribution):
         >>> ts = torch.linspace(0, 1, 501, dtype=torch.float64)[1:]
         >>> d = FractionalOU(0.7, theta=2.0, sigma=1.0, ts=ts, obs_noise=0.05)
         >>> y = d.sample()
-        >>> d.log_prob(y)
+        >>> y.shape, d.log_prob(y).shape
+        (torch.Size([500]), torch.Size([]))
     """
 
     _constraints = {
@@ -583,13 +584,14 @@ class FractionalOU(TorchDistribution):
     has_rsample = True
 
     def __init__(self, hurst, theta, sigma, ts, obs_noise, num_processes: int = 3, gamma_max: float = 20.0,
-                 kind: str = "type2", x0=0.0, loc=0.0, gammas=None, horizon: Optional[float] = None,
-                 noise: Optional[MarkovNoise] = None, validate_args=None):
+                 kind: str = "type2", x0=0.0, loc=0.0, gammas=None, horizon: float | None = None,
+                 noise: MarkovNoise | None = None, validate_args=None):
         ts = V.as_times(ts, dtype=torch.float64).to(torch.float64)
         self.noise = noise
         if noise is not None:
             if not isinstance(noise, MarkovNoise):
-                raise TypeError(f"noise must be a fracsde.MarkovNoise (e.g. MarkovApproxFBM); got {type(noise).__name__}")
+                raise TypeError(f"noise must be a fracsde.MarkovNoise (e.g. MarkovApproxFBM); "
+                                f"got {type(noise).__name__}")
             if hurst is not None:
                 raise ValueError("pass either hurst (with num_processes/gamma_max/gammas/kind/horizon) or noise, "
                                  "not both: the noise fixes the Hurst index")
@@ -695,7 +697,7 @@ class FractionalOU(TorchDistribution):
         shared = self._uniform_steps
         A, Q = self._distinct_transitions if shared else self._transitions
         batch = broadcast_shape(y.shape[:-1], A.shape[:-3])
-        n, D = self.ts.numel(), A.shape[-1]
+        D = A.shape[-1]
         A, Q = A.expand(batch + A.shape[-3:]), Q.expand(batch + Q.shape[-3:])
         y = y.expand(batch + y.shape[-1:])
         R = (self.obs_noise ** 2).expand(batch)
@@ -812,7 +814,7 @@ class FractionalOU(TorchDistribution):
         return MultivariateNormal(self.mean, covariance_matrix=self.covariance_matrix)
 
 
-def x_covariance(dist: FractionalOU, ts: Optional[torch.Tensor] = None, chunk_elems: int = 1 << 22) -> torch.Tensor:
+def x_covariance(dist: FractionalOU, ts: torch.Tensor | None = None, chunk_elems: int = 1 << 22) -> torch.Tensor:
     """Closed-form Cov(X_s, X_t) (no observation noise) of a :class:`FractionalOU` at ``ts`` (default: its grid).
 
     (*batch, n, n) float64. Uniform grids reuse the n distinct lags; other grids take one matrix

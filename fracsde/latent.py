@@ -15,7 +15,8 @@ on the fractional bridge the learned posterior can match the exact Gaussian brid
 from __future__ import annotations
 
 import math
-from typing import Callable, NamedTuple, Optional
+from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -39,6 +40,9 @@ class _TimeFeatures(nn.Module):
     before T, where a control that conditions on an observation at T varies on short scales
     (its gain grows like 1/Var(y | state) as t → T).
     """
+
+    freqs: torch.Tensor
+    rates: torch.Tensor
 
     def __init__(self, horizon: float, num_frequencies: int = 3, rates=(4.0, 16.0, 64.0)):
         super().__init__()
@@ -71,10 +75,10 @@ class AffineControl(nn.Module):
         self.d, self.m, self.K = state_dim, noise_dim, num_processes
         self.features = _TimeFeatures(horizon)
         n_in = state_dim + noise_dim * num_processes
-        self.net = nn.Sequential(nn.Linear(self.features.size, hidden), nn.Tanh(),
-                                 nn.Linear(hidden, noise_dim * (1 + n_in)))
-        nn.init.zeros_(self.net[-1].weight)   # start at u = 0: the posterior starts at the prior
-        nn.init.zeros_(self.net[-1].bias)
+        last = nn.Linear(hidden, noise_dim * (1 + n_in))
+        self.net = nn.Sequential(nn.Linear(self.features.size, hidden), nn.Tanh(), last)
+        nn.init.zeros_(last.weight)   # start at u = 0: the posterior starts at the prior
+        nn.init.zeros_(last.bias)
 
     def forward(self, t, x, y):
         b = x.shape[0]
@@ -90,10 +94,10 @@ class MLPControl(nn.Module):
         super().__init__()
         self.features = _TimeFeatures(horizon)
         n_in = self.features.size + state_dim + noise_dim * num_processes
-        self.net = nn.Sequential(nn.Linear(n_in, hidden), nn.Tanh(), nn.Linear(hidden, hidden), nn.Tanh(),
-                                 nn.Linear(hidden, noise_dim))
-        nn.init.zeros_(self.net[-1].weight)
-        nn.init.zeros_(self.net[-1].bias)
+        last = nn.Linear(hidden, noise_dim)
+        self.net = nn.Sequential(nn.Linear(n_in, hidden), nn.Tanh(), nn.Linear(hidden, hidden), nn.Tanh(), last)
+        nn.init.zeros_(last.weight)
+        nn.init.zeros_(last.bias)
 
     def forward(self, t, x, y):
         b = x.shape[0]
@@ -104,15 +108,18 @@ class MLPControl(nn.Module):
 class LinearDrift(nn.Module):
     """f(t, x) = −θ (x − μ), with θ ≥ 0 and μ optionally learnable (θ stored as its log)."""
 
+    log_theta: torch.Tensor
+    loc: torch.Tensor
+
     def __init__(self, theta: float = 1.0, loc: float = 0.0, learnable: bool = False):
         super().__init__()
         log_theta = torch.tensor(math.log(V.check_positive_float(theta, "theta")), dtype=torch.float64)
-        loc = torch.tensor(float(loc), dtype=torch.float64)
+        loc_t = torch.tensor(float(loc), dtype=torch.float64)
         if learnable:
-            self.log_theta, self.loc = nn.Parameter(log_theta), nn.Parameter(loc)
+            self.log_theta, self.loc = nn.Parameter(log_theta), nn.Parameter(loc_t)
         else:
             self.register_buffer("log_theta", log_theta)
-            self.register_buffer("loc", loc)
+            self.register_buffer("loc", loc_t)
 
     @property
     def theta(self) -> torch.Tensor:
@@ -126,7 +133,7 @@ class LinearDrift(nn.Module):
 class _PriorView(FractionalSDE):
     """The uncontrolled prior of a LatentFractionalSDE (shares its modules)."""
 
-    def __init__(self, latent: "LatentFractionalSDE"):
+    def __init__(self, latent: LatentFractionalSDE):
         super().__init__(latent.noise, noise_type="additive", sde_type="ito")
         object.__setattr__(self, "_latent", latent)   # not a submodule: no double registration
 
@@ -164,10 +171,14 @@ class LatentFractionalSDE(FractionalSDE):
 
     noise_type = "additive"
     sde_type = "ito"
+    log_sigma: torch.Tensor
+    log_obs_noise: torch.Tensor
+    x0: torch.Tensor
+    _prior: FractionalSDE
 
     def __init__(self, drift: nn.Module, control: nn.Module, noise: MarkovNoise, state_dim: int = 1,
                  sigma: float = 1.0, obs_noise: float = 0.1, learn_sigma: bool = False,
-                 learn_obs_noise: bool = False, x0: Optional[torch.Tensor] = None):
+                 learn_obs_noise: bool = False, x0: torch.Tensor | None = None):
         super().__init__(noise)
         self.drift = drift
         self.controller = control
@@ -271,9 +282,9 @@ class BridgeProblem:
     ``driving_noise`` (then ``hurst`` may be None).
     """
 
-    def __init__(self, hurst: Optional[float], theta: float = 1.0, sigma: float = 1.0, obs_time: float = 1.0,
+    def __init__(self, hurst: float | None, theta: float = 1.0, sigma: float = 1.0, obs_time: float = 1.0,
                  obs_value: float = 1.0, obs_noise: float = 0.1, num_processes: int = 3, gamma_max: float = 20.0,
-                 kind: str = "type2", horizon: float = 1.0, driving_noise: Optional[MarkovNoise] = None):
+                 kind: str = "type2", horizon: float = 1.0, driving_noise: MarkovNoise | None = None):
         if driving_noise is None:
             V.check_hurst(hurst)
         elif not isinstance(driving_noise, MarkovNoise):
@@ -291,6 +302,7 @@ class BridgeProblem:
             if learnable_hurst:
                 raise ValueError("learnable_hurst needs the MA-fBM of hurst/num_processes; a driving_noise was given")
             return self.driving_noise
+        assert self.hurst is not None            # checked in __init__ when there is no driving_noise
         return MarkovApproxFBM(self.hurst, self.num_processes, self.gamma_max, kind=self.kind, horizon=self.horizon,
                                learnable_hurst=learnable_hurst)
 
@@ -328,7 +340,7 @@ class BridgeProblem:
         return LatentFractionalSDE(LinearDrift(self.theta), control, self.noise(learnable_hurst), state_dim=1,
                                    sigma=self.sigma, obs_noise=self.obs_noise)
 
-    def optimal_control(self) -> "OptimalBridgeControl":
+    def optimal_control(self) -> OptimalBridgeControl:
         return OptimalBridgeControl(self)
 
 
@@ -339,6 +351,9 @@ class OptimalBridgeControl(nn.Module):
     Q = Cov of z_T given z_t:   u* = (e₀ᵀΦG) (y − e₀ᵀΦz) / (e₀ᵀQe₀ + r²).
     A reference for tests (it evaluates a matrix exponential per call).
     """
+
+    F: torch.Tensor
+    G: torch.Tensor
 
     def __init__(self, problem: BridgeProblem):
         super().__init__()
@@ -367,8 +382,8 @@ def exact_bridge(hurst: float, ts, theta: float = 1.0, obs_time: float = 1.0, ob
 
 
 def fit(model: LatentFractionalSDE, ts, obs_index, obs, steps: int = 300, lr: float = 0.02,
-        lr_final: Optional[float] = None, num_samples: int = 64, dt: float = 0.02, method: str = "midpoint",
-        generator: Optional[torch.Generator] = None, callback: Optional[Callable[[int, ELBO], None]] = None):
+        lr_final: float | None = None, num_samples: int = 64, dt: float = 0.02, method: str = "midpoint",
+        generator: torch.Generator | None = None, callback: Callable[[int, ELBO], None] | None = None):
     """A plain ELBO loop with Adam (learning rate decaying geometrically from ``lr`` to ``lr_final``).
 
     Returns the list of ELBO values (floats: one host sync per step, for the history).

@@ -38,7 +38,8 @@ import math
 import warnings
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Optional
+from itertools import pairwise
+from typing import cast
 
 import numpy as np
 import torch
@@ -78,7 +79,7 @@ class Schedule(abc.ABC):
     and arrays overrides it (or returns ``None`` to disable caching).
     """
 
-    closed_form: Optional[str] = None
+    closed_form: str | None = None
 
     def __init__(self, horizon: float = 1.0):
         self.horizon = V.check_positive_float(horizon, "horizon")
@@ -108,9 +109,9 @@ class Schedule(abc.ABC):
         """Whether :meth:`brownian_variance` is implemented by the subclass."""
         return type(self).brownian_variance is not Schedule.brownian_variance
 
-    def cache_key(self) -> Optional[tuple]:
+    def cache_key(self) -> tuple | None:
         """A hashable key equal for schedules with equal coefficients (``None``: do not cache)."""
-        items = []
+        items: list[tuple] = []
         for name, value in sorted(vars(self).items()):
             if isinstance(value, (bool, int, float, str)) or value is None:
                 items.append((name, value))
@@ -204,7 +205,7 @@ def newton_basis(gammas) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     Ninv = torch.zeros(K, K, dtype=torch.float64)
     for j in range(K):
         for m in range(j + 1):
-            others = [l for l in range(j + 1) if l != m]
+            others = [i for i in range(j + 1) if i != m]
             N[j, m] = 1.0 / torch.prod(g[m] - g[others]) if others else 1.0
         for k in range(K):   # Newton interpolation: Y_k = Σ_j Ỹ_j Π_{l<j} (γ_k − γ_l)
             Ninv[k, j] = torch.prod(g[k] - g[:j]) if j > 0 else 1.0
@@ -221,7 +222,7 @@ def _graded_rule(order: int = 16):
     x, w = np.polynomial.legendre.leggauss(order)
     edges = np.concatenate([[0.0], 4.0 ** -np.arange(5, 0, -1), 1 - 0.75 * 2.0 ** -np.arange(1, 6), [1.0]])
     nodes, weights = [], []
-    for a, b in zip(edges[:-1], edges[1:]):
+    for a, b in pairwise(edges):
         nodes.append(a + (b - a) * (x + 1) / 2)
         weights.append((b - a) * w / 2)
     return np.concatenate(nodes), np.concatenate(weights)
@@ -307,12 +308,12 @@ def _remainder_kernel(schedule: Schedule, gammas: np.ndarray, weights: np.ndarra
     decay_in = np.exp(-gammas[None, None, None, :] * (sn - r[..., None])[..., None])  # (n, Q, 8, K)
     J = np.einsum("nqm,qm,nqmk->nqk", amp, sub_w, decay_in) * t[:, None, None]
     step = np.exp(-gammas[None, None, :] * (t[:, None] * sub_len[None, :])[..., None])  # (n, Q, K)
-    I = np.zeros((n, Q, K))
+    integral = np.zeros((n, Q, K))
     acc = np.zeros((n, K))
     for q in range(Q - 1, -1, -1):
         acc = J[:, q] + step[:, q] * acc
-        I[:, q] = acc
-    return I @ weights                                                 # (n, Q)
+        integral[:, q] = acc
+    return integral @ weights                                                 # (n, Q)
 
 
 def _conditionals(schedule: Schedule, gammas: np.ndarray, weights: np.ndarray, ts: np.ndarray,
@@ -329,7 +330,7 @@ def _conditionals(schedule: Schedule, gammas: np.ndarray, weights: np.ndarray, t
     xq, wq = _graded_rule()
     N, _, B = newton_basis(gammas)
     Bn, Nn = B.numpy(), N.numpy()
-    out = {k: [] for k in ("eta_r", "sigma", "delta", "chol", "zeta", "err", "err_eta")}
+    out: dict[str, list[np.ndarray]] = {k: [] for k in ("eta_r", "sigma", "delta", "chol", "zeta", "err", "err_eta")}
     for start in range(0, ts.size, chunk):
         t = ts[start:start + chunk]                                     # (n,)
         n = t.size
@@ -370,16 +371,18 @@ def _lyapunov_covariance(schedule: Schedule, gammas: np.ndarray, weights: np.nda
     n = gammas.size + 1
     T = float(ts[-1])
     mu_max = float(schedule.mu(torch.from_numpy(ts)).abs().max())
-    rate = max(float(gammas.max()) if gammas.size else 0.0, mu_max)     # the stiffness of the Lyapunov ODE
+    gamma_max = float(gammas.max()) if gammas.size else 0.0
+    rate = max(gamma_max, mu_max)                                      # the stiffness of the Lyapunov ODE
     if rate * T > _MAX_RATE_HORIZON:
-        raise ValueError(f"max(gamma_max, max|mu|)·T = {rate * T:g} (gamma_max = {float(gammas.max()) if gammas.size else 0:g}, "
+        raise ValueError(f"max(gamma_max, max|mu|)·T = {rate * T:g} (gamma_max = {gamma_max:g}, "
                          f"max|mu(t)| = {mu_max:g} of the schedule, horizon T = {T:g}) exceeds {_MAX_RATE_HORIZON:g}, "
                          f"beyond which the covariance (Lyapunov) solve does not finish in reasonable time; use a "
                          f"smaller gamma_max, beta_max or horizon T")
     # F and G are affine in (μ, g): F = μ F_μ + g F_g + F_0, G = g G_g + G_0, with the pieces taken once from
     # augmented_system (the right-hand side runs thousands of times, in numpy; the splitting is exact)
     pieces = [augmented_system(torch.tensor(mu, dtype=torch.float64), torch.tensor(g, dtype=torch.float64),
-                               torch.from_numpy(weights), torch.from_numpy(gammas)) for mu, g in ((0, 0), (1, 0), (0, 1))]
+                               torch.from_numpy(weights), torch.from_numpy(gammas))
+              for mu, g in ((0, 0), (1, 0), (0, 1))]
     (F_0, G_0), (F_1, _), (F_2, G_2) = [(F.numpy(), G.numpy()) for F, G in pieces]
     F_mu, F_g, G_g = F_1 - F_0, F_2 - F_0, G_2 - G_0
 
@@ -411,7 +414,7 @@ def augmented_covariance(schedule: Schedule, gammas: np.ndarray, weights: np.nda
     weights = np.asarray(weights, dtype=np.float64)
     ts = np.asarray(ts, dtype=np.float64)
     if schedule.closed_form == "ve" and gammas.size:
-        return _ve_covariance(schedule, gammas, weights, ts)
+        return _ve_covariance(cast(VESchedule, schedule), gammas, weights, ts)   # closed_form "ve": a VESchedule
     return _lyapunov_covariance(schedule, gammas, weights, ts)
 
 
@@ -463,7 +466,7 @@ def naive_conditionals(cov: torch.Tensor, G_x: torch.Tensor) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------- table builder
-_TABLE_CACHE: "dict[tuple, tuple]" = {}
+_TABLE_CACHE: dict[tuple, tuple] = {}
 _TABLE_CACHE_SIZE = 32
 
 
@@ -587,6 +590,8 @@ class _Spline(nn.Module):
     buffer (one gather per evaluation); linear extrapolation below the first knot, so power laws in t
     continue as straight lines in log t."""
 
+    coef: torch.Tensor
+
     def __init__(self, v: np.ndarray, values: dict[str, np.ndarray]):
         super().__init__()
         self.v0, self.dv, self.n = float(v[0]), float(v[1] - v[0]), v.size
@@ -599,7 +604,7 @@ class _Spline(nn.Module):
         c = CubicSpline(v, np.concatenate(cols, axis=1), axis=0, bc_type="not-a-knot").c   # (4, n−1, Q)
         self.register_buffer("coef", torch.from_numpy(np.ascontiguousarray(np.moveaxis(c, 0, 1))))
 
-    def forward(self, v: torch.Tensor, name: Optional[str] = None) -> torch.Tensor:
+    def forward(self, v: torch.Tensor, name: str | None = None) -> torch.Tensor:
         """Values at v, (*v.shape, Q) — or only the columns of ``name``."""
         pos = (v - self.v0) / self.dv
         idx = torch.clamp(torch.floor(pos), 0, self.n - 2).long()
@@ -655,7 +660,14 @@ class LinearFractionalDynamics(nn.Module):
     All tables are buffers: ``.to(device)`` moves them, and every method evaluates on the device of ``t``.
     """
 
-    def __init__(self, schedule: Schedule, noise: Optional[MarkovNoise] = None, grid_size: int = 2048,
+    gammas: torch.Tensor
+    weights: torch.Tensor
+    newton: torch.Tensor
+    newton_inv: torch.Tensor
+    newton_drift: torch.Tensor
+    weights_newton: torch.Tensor
+
+    def __init__(self, schedule: Schedule, noise: MarkovNoise | None = None, grid_size: int = 2048,
                  t_min: float = 1e-7, covariance_jitter: float = 0.0, x_variance_offset: float = 0.0):
         super().__init__()
         if not isinstance(schedule, Schedule):
@@ -680,7 +692,7 @@ class LinearFractionalDynamics(nn.Module):
             raise ValueError("covariance_jitter / x_variance_offset apply to fractional dynamics (a noise with K >= 1)")
         T = self.horizon = schedule.horizon
         empty = torch.zeros(0, dtype=torch.float64)
-        g64 = empty if noise is None else noise.gammas.detach().to(torch.float64).cpu()
+        g64 = empty if noise is None else torch.as_tensor(noise.gammas, dtype=torch.float64).detach().cpu()
         w64 = empty if noise is None else noise.weights.detach().to(torch.float64).cpu()
         K = self.num_processes = g64.numel()
         self.register_buffer("gammas", g64)
@@ -879,7 +891,7 @@ class LinearFractionalDynamics(nn.Module):
         """y = N⁻¹ ỹ on the last axis."""
         return y_newton @ self.newton_inv.to(y_newton.dtype).T
 
-    def sample_marginal(self, x0: torch.Tensor, t, generator: Optional[torch.Generator] = None,
+    def sample_marginal(self, x0: torch.Tensor, t, generator: torch.Generator | None = None,
                         return_newton: bool = False):
         """An exact draw of Z_t given x_0: returns (x_t, y_t) with y_t of shape (*x0.shape, K).
 
@@ -908,7 +920,7 @@ class LinearFractionalDynamics(nn.Module):
             raise ValueError(f"t must be a scalar or have shape (batch,) = ({x0.shape[0]},); got {tuple(t.shape)}")
         return self.check_times(t).to(torch.float64)
 
-    def prior_sample(self, shape, generator: Optional[torch.Generator] = None, device=None,
+    def prior_sample(self, shape, generator: torch.Generator | None = None, device=None,
                      dtype: torch.dtype = torch.float32, return_newton: bool = False):
         """A draw of the data-independent terminal law N(0, Σ_T): (x, y) with x: ``shape``, y: (*shape, K).
 

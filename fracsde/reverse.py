@@ -27,7 +27,7 @@ Two ways to integrate them are provided:
 from __future__ import annotations
 
 import math
-from typing import Callable, Optional
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -51,7 +51,7 @@ def _bview(v: torch.Tensor, ndim: int) -> torch.Tensor:
     return v.reshape(v.shape + (1,) * (ndim - v.dim())) if v.dim() else v
 
 
-def eps_to_score(dynamics: LinearFractionalDynamics, eps_model: Callable, model_kwargs: Optional[dict] = None):
+def eps_to_score(dynamics: LinearFractionalDynamics, eps_model: Callable, model_kwargs: dict | None = None):
     """The factorised score (∇_x, ∇_y) log p_t of the augmented state from an ε-model of u = x − ηᵀy.
 
     Returns ``score(t, x, y)`` with t a 0-d or (batch,) tensor, x (batch, *shape), y (batch, *shape, K).
@@ -64,7 +64,8 @@ def eps_to_score(dynamics: LinearFractionalDynamics, eps_model: Callable, model_
         tb = torch.as_tensor(t, device=x.device).to(x.dtype).expand(x.shape[0])
         coef = dynamics.coefficients(tb)
         y_newton = dynamics.to_newton(y)
-        u = x - (y_newton * coef["eta_newton"].to(x.dtype).reshape(-1, *(1,) * (x.dim() - 1), y_newton.shape[-1])).sum(-1)
+        eta_newton = coef["eta_newton"].to(x.dtype).reshape(-1, *(1,) * (x.dim() - 1), y_newton.shape[-1])
+        u = x - (y_newton * eta_newton).sum(-1)
         eps = eps_model(u, tb, **kw)
         sx = -eps / _bview(coef["sigma"].to(x.dtype), x.dim())
         eta = (coef["eta_newton"] @ dynamics.newton).to(x.dtype)                     # Nᵀ η̃
@@ -99,9 +100,9 @@ class ReverseTimeSDE(nn.Module):
     noise_type = "general"
     sde_type = "ito"
 
-    def __init__(self, dynamics: LinearFractionalDynamics, data_shape, eps_model: Optional[Callable] = None,
-                 score: Optional[Callable] = None, probability_flow: bool = False,
-                 model_kwargs: Optional[dict] = None):
+    def __init__(self, dynamics: LinearFractionalDynamics, data_shape, eps_model: Callable | None = None,
+                 score: Callable | None = None, probability_flow: bool = False,
+                 model_kwargs: dict | None = None):
         super().__init__()
         if (eps_model is None) == (score is None):
             raise ValueError("pass exactly one of eps_model and score")
@@ -148,6 +149,7 @@ class ReverseTimeSDE(nn.Module):
             if self.K:
                 gt_score = gt_score - (y_newton * coef["zeta_newton"].to(dtype)).sum(-1)
         else:
+            assert self.score is not None        # __init__ takes exactly one of eps_model and score
             sx, sy = self.score(t, x, y)
             gt_score = gx * sx + (sy.sum(-1) if self.K else 0.0)
         bx = mu * x - self.score_factor * gx * gt_score
@@ -176,7 +178,7 @@ class ReverseTimeSDE(nn.Module):
         return self.f(s, z), self.g_prod(s, z, v)
 
 
-def euler_maruyama(sde, z0: torch.Tensor, ts: torch.Tensor, generator: Optional[torch.Generator] = None,
+def euler_maruyama(sde, z0: torch.Tensor, ts: torch.Tensor, generator: torch.Generator | None = None,
                    progress: bool = False) -> torch.Tensor:
     """Streaming Euler–Maruyama for any SDE with ``f_and_g_prod(t, z, v)`` and ``brownian_size``.
 
@@ -263,7 +265,7 @@ INNOVATION_STEPS = {"sde": reverse_sde_step, "ode": probability_flow_step}
 
 def sample_innovation(dynamics: LinearFractionalDynamics, eps_model: Callable, u: torch.Tensor,
                       y_newton: torch.Tensor, ts: torch.Tensor, method: str = "sde",
-                      generator: Optional[torch.Generator] = None, model_kwargs: Optional[dict] = None,
+                      generator: torch.Generator | None = None, model_kwargs: dict | None = None,
                       progress: bool = False):
     """Integrate the reverse SDE (``"sde"``) or probability-flow ODE (``"ode"``) in coordinates (u, ỹ).
 

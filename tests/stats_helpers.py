@@ -1,5 +1,4 @@
 """Statistical assertions with tolerances derived from the sample size (imported by tests)."""
-import math
 
 import numpy as np
 import torch

@@ -2,12 +2,11 @@
 import math
 
 import numpy as np
+import pyro
+import pyro.distributions as dist
 import pytest
 import scipy.integrate
 import torch
-
-import pyro
-import pyro.distributions as dist
 from pyro import poutine
 from torch.testing import assert_close
 
@@ -53,7 +52,7 @@ def test_rl_covariance_matches_high_precision_quadrature():
     for hurst, lo, hi in [(0.02, 0.5, 0.51), (0.1, 0.999, 1.0), (0.3, 0.001, 100.0), (0.9, 0.3, 3.0)]:
         a = hurst - 0.5
         nodes = [0, lo - (hi - lo), lo] if hi - lo < lo else [0, lo]     # split near the kink
-        exact = mpmath.quad(lambda u: (hi - u) ** a * (lo - u) ** a, nodes)
+        exact = mpmath.quad(lambda u, a=a, lo=lo, hi=hi: (hi - u) ** a * (lo - u) ** a, nodes)
         exact = float(exact / mpmath.gamma(hurst + 0.5) ** 2)
         got = float(rl_covariance(t64(hurst), t64(lo), t64(hi)))
         assert abs(got / exact - 1) < 1e-12, (hurst, lo, hi, got, exact)
@@ -207,7 +206,7 @@ def test_ou_kalman_matches_dense_batched_and_gradients():
     assert_close(lp, dense, rtol=0, atol=1e-6)
     g_kalman = torch.autograd.grad(lp.sum(), list(leaves.values()), retain_graph=True)
     g_dense = torch.autograd.grad(dense.sum(), list(leaves.values()))
-    for name, a, b in zip(leaves, g_kalman, g_dense):
+    for name, a, b in zip(leaves, g_kalman, g_dense, strict=True):
         assert_close(a, b, rtol=1e-6, atol=1e-8, msg=name)
 
 
@@ -315,7 +314,7 @@ def test_path_toeplitz_route_equals_dense_route():
     assert_close(lp, dense, rtol=1e-11, atol=1e-9)
     g1 = torch.autograd.grad(lp.sum(), (hurst, scale))
     g2 = torch.autograd.grad(dense.sum(), (hurst, scale))
-    for a, b in zip(g1, g2):
+    for a, b in zip(g1, g2, strict=True):
         assert_close(a, b, rtol=1e-8, atol=1e-8)
     assert FractionalBrownianPath(t64(0.3), ts + 0.1)._toeplitz_step is None
     assert FractionalBrownianPath(t64(0.3), ts, kind="type2")._toeplitz_step is None
@@ -353,12 +352,13 @@ def test_ou_shared_matrix_scan_equals_general_scan(n):
         leaves = {k: v.clone().requires_grad_() for k, v in params.items()}
         d = FractionalOU(ts=ts, kind="type1", **leaves)
         assert d._uniform_steps
-        if not shared:
+        if shared:                      # one sample, scored by both routes
+            torch.manual_seed(5)
+            y = d.sample((3,)).detach()
+        else:
             d._uniform_steps = False
-        torch.manual_seed(5)
-        y = d.sample((3,)).detach() if shared else y
         lp = d.log_prob(y)
         results.append((lp.detach(), torch.autograd.grad(lp.sum(), list(leaves.values()))))
     assert_close(results[0][0], results[1][0], rtol=1e-11, atol=1e-10)
-    for a, b in zip(results[0][1], results[1][1]):
+    for a, b in zip(results[0][1], results[1][1], strict=True):
         assert_close(a, b, rtol=1e-9, atol=1e-10)

@@ -1,11 +1,10 @@
 """Exact fBM references: covariance formulas, samplers, Hurst scaling, validation."""
-import math
 
 import mpmath
-import numpy as np
 import pytest
 import torch
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from fracsde import FractionalBrownianMotion
 from stats_helpers import assert_covariance_matches, variogram_slope
@@ -18,7 +17,9 @@ def _rl_cov_quadrature(hurst, s, t):
     mpmath.mp.dps = 30
     s, t = mpmath.mpf(min(s, t)), mpmath.mpf(max(s, t))
     a = mpmath.mpf(hurst) - mpmath.mpf(1) / 2
-    f = lambda w: (t - s + ((a + 1) * w) ** (1 / (a + 1))) ** a
+    def f(w):
+        return (t - s + ((a + 1) * w) ** (1 / (a + 1))) ** a
+
     return float(mpmath.quad(f, [0, s ** (a + 1) / (a + 1)]) / mpmath.gamma(a + 1) ** 2)
 
 
@@ -122,7 +123,10 @@ def test_type1_covariance_differentiable_in_hurst():
     fbm = FractionalBrownianMotion(h)
     fbm.covariance(torch.tensor(0.5), torch.tensor(2.0)).backward()
     d = 1e-6
-    f = lambda hh: float(FractionalBrownianMotion(hh).covariance(0.5, 2.0))
+
+    def f(hh):
+        return float(FractionalBrownianMotion(hh).covariance(0.5, 2.0))
+
     assert float(h.grad) == pytest.approx((f(0.3 + d) - f(0.3 - d)) / (2 * d), rel=1e-6)
 
 

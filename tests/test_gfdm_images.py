@@ -16,11 +16,16 @@ import pytest
 import torch
 
 from models.gfdm.checkpoint import CheckpointError, atomic_save, load_checkpoint, save_checkpoint
-from models.gfdm.data import (DEFAULT_FASHION_MNIST_DIR, BatchStream, DatasetNotFoundError, derive_seed,
-                              load_dataset)
+from models.gfdm.data import DEFAULT_FASHION_MNIST_DIR, BatchStream, DatasetNotFoundError, derive_seed, load_dataset
 from models.gfdm.ema import EMA, halflife_from_decay
-from models.gfdm.metrics import (FeatureStats, InceptionFeatures, InceptionV3, frechet_distance,
-                                 pixel_vendi_score, quantize)
+from models.gfdm.metrics import (
+    FeatureStats,
+    InceptionFeatures,
+    InceptionV3,
+    frechet_distance,
+    pixel_vendi_score,
+    quantize,
+)
 from models.gfdm.unet import PRESETS, UNet, UNetConfig, unet_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -106,9 +111,11 @@ def test_digits_scaled_to_unit_interval_with_fixed_split():
     from sklearn.datasets import load_digits
 
     assert train.fingerprint() == load_dataset("digits").fingerprint()
-    full = sorted(bytes(i) + bytes([t]) for i, t in zip(load_digits().images.astype(np.uint8), load_digits().target))
+    digits = load_digits()
+    full = sorted(bytes(i) + bytes([t]) for i, t in zip(digits.images.astype(np.uint8), digits.target, strict=True))
     ours = sorted(bytes(i.numpy()) + bytes([int(t)]) for i, t in zip(torch.cat([train.images, test.images]),
-                                                                    torch.cat([train.labels, test.labels])))
+                                                                    torch.cat([train.labels, test.labels]),
+                                                                    strict=True))
     assert ours == full
 
 
@@ -199,7 +206,8 @@ def test_batch_stream_covers_each_epoch_and_resumes_exactly():
     first = torch.cat([s.next_indices() for _ in range(5)])          # 20 indices = 2 epochs
     assert sorted(first[:10].tolist()) == list(range(10)) and sorted(first[10:].tolist()) == list(range(10))
     a = BatchStream(10, 4, seed=3)
-    a.next_indices(); a.next_indices()
+    a.next_indices()
+    a.next_indices()
     state = a.state_dict()
     b = BatchStream(10, 4, seed=3)
     b.load_state_dict(state)

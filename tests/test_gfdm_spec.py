@@ -5,7 +5,8 @@ import json
 
 import pytest
 import torch
-from hypothesis import given, strategies as st
+from hypothesis import given
+from hypothesis import strategies as st
 
 from models.gfdm.dynamics import FVE, FVP
 from models.gfdm.spec import FAMILIES, DynamicsSpec
@@ -77,7 +78,8 @@ def test_grid_size_is_read_back_from_the_object():
 
 @pytest.mark.filterwarnings("ignore::fracsde.PriorMismatchWarning")   # FVE(H=0.9, K=3) has λ(T) = −3.8
 def test_build_matches_the_constructors_bit_for_bit():
-    direct = {"vp": lambda: FVP(0.9, 0), "ve": lambda: FVE(0.9, 0), "fvp": lambda: FVP(0.9, 3), "fve": lambda: FVE(0.9, 3)}
+    direct = {"vp": lambda: FVP(0.9, 0), "ve": lambda: FVE(0.9, 0),
+              "fvp": lambda: FVP(0.9, 3), "fve": lambda: FVE(0.9, 3)}
     for name in ("vp", "ve", "fvp", "fve"):
         ours, theirs = DynamicsSpec.parse(name).build(), direct[name]()
         assert type(ours) is type(theirs) and ours.num_processes == theirs.num_processes

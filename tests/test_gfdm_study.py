@@ -11,8 +11,6 @@ from models.gfdm import study2d as S
 from stats_helpers import bonferroni_z
 
 
-
-
 def test_ring_mixture_is_geometric_with_a_one_percent_mode():
     means, stds, w = S.ring_mixture()
     assert means.shape == (8, 2) and stds.shape == (8,)

@@ -10,11 +10,10 @@ the required |posterior mean − H| < 0.05 is a ~2-sd statement about one seeded
 Monte-Carlo error of the mean (sd / √ESS, ESS ≳ 40) is ≲ 0.005. The likelihood takes the
 O(n²) Durbin–Levinson route (ts = 1..n), ≈ 4 ms per gradient.
 """
-import pytest
-import torch
-
 import pyro
 import pyro.distributions as dist
+import pytest
+import torch
 from pyro.infer import MCMC, NUTS, SVI, Trace_ELBO
 from pyro.infer.autoguide import AutoMultivariateNormal, init_to_value
 from pyro.optim import ClippedAdam

@@ -14,7 +14,7 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from fracsde.latent import AffineControl, BridgeProblem, LinearDrift, LatentFractionalSDE, MLPControl, fit
+from fracsde.latent import AffineControl, BridgeProblem, LatentFractionalSDE, LinearDrift, MLPControl, fit
 from fracsde.markov import MarkovApproxFBM
 
 F64 = torch.float64

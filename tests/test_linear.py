@@ -6,8 +6,14 @@ import numpy as np
 import pytest
 import torch
 
-from fracsde.linear import (LinearFractionalDynamics, VESchedule, VPSchedule, augmented_covariance,
-                            naive_conditionals, newton_basis)
+from fracsde.linear import (
+    LinearFractionalDynamics,
+    VESchedule,
+    VPSchedule,
+    augmented_covariance,
+    naive_conditionals,
+    newton_basis,
+)
 from fracsde.markov import MarkovApproxFBM
 from fracsde.noise import MarkovNoise
 from stats_helpers import assert_covariance_matches, bonferroni_z
@@ -243,6 +249,7 @@ def test_forward_marginals_match_monte_carlo_with_fracsde_sdeint():
     with Y_t. Tolerances: z standard errors (z Bonferroni over the scalar checks; covariance entries via
     stats_helpers)."""
     import torchsde
+
     from fracsde.sde import FractionalSDE, sdeint
 
     hurst, K, n, x0, dt = 0.7, 2, 8000, 0.8, 2e-3

@@ -4,7 +4,8 @@ import warnings
 
 import pytest
 import torch
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from fracsde import LinearFractionalDynamics, PriorMismatchWarning, VESchedule, VPSchedule
 from models.gfdm import FVE, FVP

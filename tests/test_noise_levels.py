@@ -1,13 +1,10 @@
 """Noise-level-aware training: EDM preconditioning in u-space and the time-sampling rules (a λ-weighting)."""
 import math
-import warnings
 
-import numpy as np
 import pytest
 import torch
 from scipy import stats
 
-from fracsde import PriorMismatchWarning
 from models.gfdm import FVE, FVP, GaussianEpsModel, score_matching_loss
 from models.gfdm.precondition import Preconditioned, make_eps_model
 from models.gfdm.time_sampling import LOG_SNR_CAP, TimeSampler

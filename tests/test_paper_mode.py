@@ -52,7 +52,8 @@ def test_official_fve_with_jitter_and_sigma_min_offset():
     for t in (0.05, 0.3):
         got = float(dyn.conditional_std(torch.tensor(t, dtype=F64)))
         assert got == pytest.approx(_reference_sigma(dyn, t, 1e-4, 0.01 ** 2), rel=1e-6)
-    ratio = float(dyn.conditional_std(torch.tensor(0.1, dtype=F64)) / exact.conditional_std(torch.tensor(0.1, dtype=F64)))
+    t = torch.tensor(0.1, dtype=F64)
+    ratio = float(dyn.conditional_std(t) / exact.conditional_std(t))
     assert ratio == pytest.approx(316, rel=0.01)                  # ../shared/REFERENCE.md §6
 
 

@@ -1,12 +1,12 @@
-import math
 
 import mpmath
 import pytest
 import torch
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from fracsde.special import gammainc, gammainc_grad_a
 from fracsde.kinds import scaled_upper_gamma
+from fracsde.special import gammainc, gammainc_grad_a
 
 
 @given(a=st.floats(0.3, 2.5), x=st.floats(1e-3, 60.0))

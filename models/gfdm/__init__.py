@@ -17,5 +17,6 @@ from .precondition import Preconditioned
 from .sampling import SAMPLERS, register_sampler, sample
 from .spec import DynamicsSpec
 
-__all__ = ["FVP", "FVE", "DynamicsSpec", "score_matching_loss", "Preconditioned", "sample", "SAMPLERS", "register_sampler",
-           "nll_bits_per_dim", "GaussianEpsModel", "GaussianMixtureEpsModel", "gaussian_loss_minimum"]
+__all__ = ["FVP", "FVE", "DynamicsSpec", "score_matching_loss", "Preconditioned", "sample", "SAMPLERS",
+           "register_sampler", "nll_bits_per_dim", "GaussianEpsModel", "GaussianMixtureEpsModel",
+           "gaussian_loss_minimum"]

@@ -151,7 +151,7 @@ class TrainConfig:
             defaults["covariance_jitter"] = self.covariance_jitter
         return DynamicsSpec.parse(self.dynamics, defaults=defaults)
 
-    def with_dynamics(self, spec: DynamicsSpec, **changes) -> "TrainConfig":
+    def with_dynamics(self, spec: DynamicsSpec, **changes) -> TrainConfig:
         """A copy that trains ``spec`` (H and K of a Brownian spec leave ``hurst``, ``num_processes`` as they are)."""
         values = {**self.to_dict(), "dynamics": spec.text, **changes}
         return TrainConfig(**values)
@@ -165,7 +165,7 @@ class TrainConfig:
         return {f.name: f.default for f in fields(cls)}
 
     @classmethod
-    def from_dict(cls, d: dict) -> "TrainConfig":
+    def from_dict(cls, d: dict) -> TrainConfig:
         """From :meth:`to_dict`, a checkpoint's ``"config"`` or a run's ``config.json`` (older field names are
         renamed, the keys a run records beside its settings are skipped, any other unknown key is an error)."""
         return cls(**normalize_keys(d))

@@ -30,10 +30,10 @@ import hashlib
 import os
 import pickle
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
@@ -69,9 +69,10 @@ class ImageDataset:
 
     @property
     def shape(self) -> tuple[int, int, int]:
-        return tuple(self.images.shape[1:])
+        c, h, w = self.images.shape[1:]
+        return c, h, w
 
-    def to(self, device) -> "ImageDataset":
+    def to(self, device) -> ImageDataset:
         return ImageDataset(self.name, self.images.to(device), self.labels.to(device), self.max_value,
                             self.num_classes, self.hflip, self.source)
 
@@ -174,7 +175,7 @@ def _torchvision(name: str, root, split: str):
         import torchvision.datasets as tvd
     except Exception as e:  # noqa: BLE001 - any import failure means "not available"
         raise DatasetNotFoundError(f"--download needs torchvision, which cannot be imported here ({e}); "
-                                   f"put the files in place instead (see the message without --download)")
+                                   f"put the files in place instead (see the message without --download)") from e
     if not root:
         raise DatasetNotFoundError("--download needs --data-root FOLDER to download into")
     cls = {"mnist": tvd.MNIST, "fashion-mnist": tvd.FashionMNIST, "cifar10": tvd.CIFAR10}[name]

@@ -68,9 +68,9 @@ class Context:
         """Concatenate every rank's list of objects on rank 0 (None on other ranks)."""
         if not self.distributed:
             return list(items)
-        out = [None] * self.world_size if self.is_main else None
+        out: list | None = [None] * self.world_size if self.is_main else None
         dist.gather_object(items, out, dst=0)
-        return [x for part in out for x in part] if self.is_main else None
+        return [x for part in out for x in part] if out is not None else None
 
 
 _CONTEXT: Context | None = None
@@ -84,7 +84,7 @@ def init(device: str = "auto") -> Context:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
         return Context(device=pick_device(device))
-    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))   # RANK is read by init_process_group (env://)
     dev = pick_device(device, local_rank)
     if dev.type == "cuda":
         torch.cuda.set_device(dev)

@@ -45,10 +45,10 @@ class EMA:
     def update(self, model: nn.Module, batch_size: int, images_seen: int) -> None:
         """Blend in ``model`` after a step on ``batch_size`` images (``images_seen`` counts them)."""
         beta = self.decay(batch_size, images_seen)
-        ema_params = list(self.model.parameters())
+        ema_params: list[torch.Tensor] = list(self.model.parameters())
         params = [p.detach() for p in model.parameters()]
         torch._foreach_lerp_(ema_params, params, 1.0 - beta)     # one fused update (CUDA: few kernels)
-        for b_ema, b in zip(self.model.buffers(), model.buffers()):
+        for b_ema, b in zip(self.model.buffers(), model.buffers(), strict=True):
             b_ema.copy_(b)
 
     def state_dict(self) -> dict:

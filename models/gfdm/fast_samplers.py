@@ -12,8 +12,8 @@ s_u < s_t, with h = log(s_t/s_u) = (λ_u − λ_t)/2 and D = x̂₀(u_t, t), is 
   u-diffusion integrated with D frozen over the step);
 * ``"dpm++2m"`` — the same with D → (1 + 1/(2r)) D_i − 1/(2r) D_{i−1}, r = h_{i−1}/h_i (second-order multistep;
   the first step is ddim);
-* ``"sde-dpm++2m"`` — v_u = (s_u/s_t) e^{−h} v_t + (1 − e^{−2h}) D + ½(1 − e^{−2h})(D_i − D_{i−1})/r + s_u √(1 − e^{−2h}) z
-  (the reverse SDE, second order in the drift);
+* ``"sde-dpm++2m"`` — v_u = (s_u/s_t) e^{−h} v_t + (1 − e^{−2h}) D + ½(1 − e^{−2h})(D_i − D_{i−1})/r
+  + s_u √(1 − e^{−2h}) z (the reverse SDE, second order in the drift);
 * ``"ancestral"`` — v_u ~ N((s_u/s_t)² v_t + (1 − (s_u/s_t)²) D, s_u²(1 − (s_u/s_t)²)): the exact Gaussian posterior
   q(v_u | v_t, x₀ = D) of the Markov u-diffusion (VE in v: v_t = v_u + √(s_t² − s_u²) n).
 
@@ -28,8 +28,7 @@ linear ỹ-part stays implicit (backward Euler) in both stages, as in the first-
 """
 from __future__ import annotations
 
-import math
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 

@@ -13,7 +13,7 @@ terminal law N(0, σ̃(T)²) as the prior, as the sampler does.
 from __future__ import annotations
 
 import math
-from typing import Callable, Optional
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -36,8 +36,8 @@ def likelihood_grid(dynamics: LinearFractionalDynamics, steps: int, t_eps: float
 
 
 def nll_bits_per_dim(eps_model: Callable, dyn: LinearFractionalDynamics, x0: torch.Tensor, steps: int = 100,
-                     hutchinson_samples: int = 1, generator: Optional[torch.Generator] = None,
-                     model_kwargs: Optional[dict] = None, t_eps: float = 1e-5, bits_offset: float = 0.0,
+                     hutchinson_samples: int = 1, generator: torch.Generator | None = None,
+                     model_kwargs: dict | None = None, t_eps: float = 1e-5, bits_offset: float = 0.0,
                      exact_trace: bool = False) -> torch.Tensor:
     """−log₂ p(x_0) / d + ``bits_offset`` for each sample, shape (batch,).
 
@@ -80,7 +80,7 @@ def nll_bits_per_dim(eps_model: Callable, dyn: LinearFractionalDynamics, x0: tor
     return -logp / (d * math.log(2.0)) + bits_offset
 
 
-def divergence(eps: torch.Tensor, u: torch.Tensor, probes: Optional[list]) -> torch.Tensor:
+def divergence(eps: torch.Tensor, u: torch.Tensor, probes: list | None) -> torch.Tensor:
     """div_u ε per sample, (batch,): exact with d vector–Jacobian products (``probes=None``), else the
     Hutchinson estimate averaged over the given Rademacher probes. ``eps`` must carry a graph to ``u``."""
     batch = u.shape[0]
@@ -92,7 +92,7 @@ def divergence(eps: torch.Tensor, u: torch.Tensor, probes: Optional[list]) -> to
             gi = torch.autograd.grad(flat[:, i].sum(), u, retain_graph=i < d - 1)[0]
             div = div + gi.reshape(batch, -1)[:, i]
         return div
-    div = 0.0
+    div = torch.zeros(batch, dtype=u.dtype, device=u.device)
     for j, z in enumerate(probes):
         gz = torch.autograd.grad((eps * z).sum(), u, retain_graph=j < len(probes) - 1)[0]
         div = div + (gz * z).reshape(batch, -1).sum(1)

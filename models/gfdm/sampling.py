@@ -18,17 +18,17 @@ register it with :func:`register_sampler`.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, Optional
 
 import torch
 
 from fracsde.linear import LinearFractionalDynamics
 from fracsde.numerics import check_shape
+from fracsde.reverse import ReverseTimeSDE, euler_maruyama, sample_innovation
 from fracsde.sde import NonFiniteStateError
 
 from . import fast_samplers as fast
-from fracsde.reverse import ReverseTimeSDE, euler_maruyama, sample_innovation
 
 __all__ = ["sample", "time_grid", "check_grid", "SAMPLERS", "SAMPLER_INFO", "SamplerInfo", "register_sampler",
            "COORDINATES", "GRIDS"]
@@ -71,7 +71,7 @@ SAMPLER_INFO: dict[str, SamplerInfo] = {}
 
 
 def register_sampler(name: str, sampler: Callable, deterministic: bool = False, denoises: bool = False,
-                     min_steps: int = 1, info: Optional[SamplerInfo] = None) -> Callable:
+                     min_steps: int = 1, info: SamplerInfo | None = None) -> Callable:
     """Add ``sampler`` to :data:`SAMPLERS` under ``name`` (refuses to replace an existing one).
 
     ``denoises``: the sampler evaluates the network at every grid point and returns the data prediction of the
@@ -113,7 +113,7 @@ EDM_RHO = 7.0
 
 
 def time_grid(dynamics: LinearFractionalDynamics, steps: int, t_end: float, device=None, grid: str = "uniform",
-              points: Optional[int] = None, denoise: bool = False) -> torch.Tensor:
+              points: int | None = None, denoise: bool = False) -> torch.Tensor:
     """Decreasing float64 times from T: ``points`` of them (default ``steps + 1``).
 
     ``grid``: ``"uniform"`` in t (the paper's), ``"log-snr"`` (uniform in λ), ``"edm"`` (Karras et al.'s ρ = 7
@@ -187,7 +187,7 @@ def _check_args(dynamics, shape, steps, method, t_end, coordinates):
     return shape, t_end
 
 
-def sampling_grid(dynamics: LinearFractionalDynamics, method: str, steps: Optional[int], grid, t_end: float,
+def sampling_grid(dynamics: LinearFractionalDynamics, method: str, steps: int | None, grid, t_end: float,
                   device=None) -> torch.Tensor:
     """The decreasing times a sampler runs on: a named grid for ``steps`` network evaluations, or the user's."""
     info = SAMPLER_INFO[method]
@@ -207,9 +207,9 @@ def sampling_grid(dynamics: LinearFractionalDynamics, method: str, steps: Option
     return ts.to(device)
 
 
-def sample(eps_model: Callable, dyn: LinearFractionalDynamics, shape, steps: Optional[int] = 1000,
-           method: str = "sde", t_end: float = 1e-3, generator: Optional[torch.Generator] = None, device=None,
-           dtype: torch.dtype = torch.float32, model_kwargs: Optional[dict] = None, progress=False,
+def sample(eps_model: Callable, dyn: LinearFractionalDynamics, shape, steps: int | None = 1000,
+           method: str = "sde", t_end: float = 1e-3, generator: torch.Generator | None = None, device=None,
+           dtype: torch.dtype = torch.float32, model_kwargs: dict | None = None, progress=False,
            init=None, coordinates: str = "innovation", return_augmented: bool = False, grid=None,
            check_finite: bool = True):
     """Draw samples of shape ``shape`` = (batch, *data_shape) from the model defined by ``eps_model``.

@@ -21,7 +21,6 @@ import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Optional
 
 import numpy as np
 import torch
@@ -41,7 +40,8 @@ DEFAULT_DYNAMICS = ("vp", "ve", "fvp:H=0.7,K=2", "fvp:H=0.7,K=3", "fvp:H=0.9,K=2
 
 # ------------------------------------------------------------------------------------------------- data
 def ring_mixture(modes: int = 8, radius: float = 1.0, std: float = 0.06, rarest: float = 0.01):
-    """(means (M, 2), stds (M,), weights (M,)): modes on a circle, weights ∝ q^k with q set so the last is ``rarest``."""
+    """(means (M, 2), stds (M,), weights (M,)): modes on a circle, weights ∝ q^k with q set so that the last
+    is ``rarest``."""
     lo, hi = 1e-6, 1.0 - 1e-12
     for _ in range(200):                                   # bisection: q^{M−1}(1 − q)/(1 − q^M) = rarest
         q = 0.5 * (lo + hi)
@@ -83,7 +83,7 @@ def mode_frequencies(x: torch.Tensor, means: torch.Tensor, std: float, within: f
 
 
 def sliced_wasserstein(x: torch.Tensor, y: torch.Tensor, projections: int = 512,
-                       generator: Optional[torch.Generator] = None) -> float:
+                       generator: torch.Generator | None = None) -> float:
     """Sliced Wasserstein-2 distance between equal-size point clouds (random directions, sorted projections)."""
     n = min(x.shape[0], y.shape[0])
     theta = torch.randn(x.shape[1], projections, generator=generator, dtype=torch.float64)
@@ -160,7 +160,7 @@ def _train(dyn, data_name, cfg: StudyConfig, seed: int) -> nn.Module:
         opt.step()
         sched.step()
         with torch.no_grad():
-            for pe, pm in zip(ema.parameters(), model.parameters()):
+            for pe, pm in zip(ema.parameters(), model.parameters(), strict=True):
                 pe.lerp_(pm, 1 - cfg.ema)
     return ema.eval()
 
@@ -223,7 +223,7 @@ def run_study(cfg: StudyConfig, log=print) -> dict:
 def summarize(runs) -> list:
     """Mean and std over seeds of every scalar metric, per (dataset, dynamics, kind)."""
     keys = ("sw2", "mmd2", "rare_ratio", "modes_recalled", "off_mode", "tv")
-    groups = {}
+    groups: dict[tuple, list[dict]] = {}
     for r in runs:
         groups.setdefault((r["dataset"], r["dynamics"], r["kind"]), []).append(r)
     out = []
@@ -249,12 +249,12 @@ def markdown_table(summary) -> str:
     for ds in dict.fromkeys(r["dataset"] for r in summary):
         rows = [r for r in summary if r["dataset"] == ds]
         if ds == "ring8":
-            lines += [f"### {ds}", "", "| dynamics | kind | SW2 ↓ | MMD² ↓ | rarest-mode freq / 1 % | modes ≥ ½ weight (of 8) | "
-                      "off-mode | TV(mode freq) ↓ |", "|---|---|---|---|---|---|---|---|"]
+            lines += [f"### {ds}", "", "| dynamics | kind | SW2 ↓ | MMD² ↓ | rarest-mode freq / 1 % | "
+                      "modes ≥ ½ weight (of 8) | off-mode | TV(mode freq) ↓ |", "|---|---|---|---|---|---|---|---|"]
             for r in rows:
                 lines.append(f"| {r['dynamics']} | {r['kind']} | {_fmt(r['sw2'])} | {_fmt(r['mmd2'], 5)} | "
-                             f"{_fmt(r['rare_ratio'], 2)} | {_fmt(r['modes_recalled'], 2)} | {_fmt(r['off_mode'], 3)} | "
-                             f"{_fmt(r['tv'], 3)} |")
+                             f"{_fmt(r['rare_ratio'], 2)} | {_fmt(r['modes_recalled'], 2)} | "
+                             f"{_fmt(r['off_mode'], 3)} | {_fmt(r['tv'], 3)} |")
         else:
             lines += [f"### {ds}", "", "| dynamics | kind | SW2 ↓ | MMD² ↓ |", "|---|---|---|---|"]
             for r in rows:

@@ -22,7 +22,6 @@ there (the noise would be rounded away), so such pairs are never trained on.
 from __future__ import annotations
 
 import math
-from typing import Optional
 
 import torch
 from torch.special import ndtr, ndtri
@@ -106,9 +105,11 @@ class TimeSampler:
         return lo, hi
 
     def _setup_like(self, text: str, T: float):
-        from .spec import DynamicsSpec
         import warnings
+
         from fracsde import PriorMismatchWarning
+
+        from .spec import DynamicsSpec
         try:
             spec = DynamicsSpec.parse(text)
         except ValueError as e:
@@ -153,15 +154,16 @@ class TimeSampler:
         lam = self.other.log_snr(t_other, check=False).clamp(*self.log_snr_bounds)   # round-off at the ends
         return self._to_time(lam)
 
-    def __call__(self, n: int, generator: Optional[torch.Generator] = None, device=None) -> torch.Tensor:
+    def __call__(self, n: int, generator: torch.Generator | None = None, device=None) -> torch.Tensor:
         """(n,) float64 training times on ``device``."""
         return self._draw(n, generator, device)
 
     def __repr__(self) -> str:
-        return f"TimeSampler({self.rule!r}, log_snr_bounds=({self.log_snr_bounds[0]:.3g}, {self.log_snr_bounds[1]:.3g}))"
+        lo, hi = self.log_snr_bounds
+        return f"TimeSampler({self.rule!r}, log_snr_bounds=({lo:.3g}, {hi:.3g}))"
 
 
-_CACHE: "dict[tuple, TimeSampler]" = {}
+_CACHE: dict[tuple, TimeSampler] = {}
 
 
 def time_sampler(dynamics: LinearFractionalDynamics, rule, t_eps: float, dtype: torch.dtype) -> TimeSampler:

@@ -69,7 +69,7 @@ class UNetConfig:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict) -> "UNetConfig":
+    def from_dict(cls, d: dict) -> UNetConfig:
         names = {f.name for f in fields(cls)}
         unknown = sorted(set(d) - names)
         if unknown:
@@ -113,6 +113,13 @@ def unet_config(preset: str, *, image_size: int | None = None, in_channels: int 
     return replace(base, **changes)
 
 
+def _zero_init(layer: nn.Conv2d) -> None:
+    """Weight and bias 0: the layer starts as the zero map (a residual branch starts as the identity)."""
+    nn.init.zeros_(layer.weight)
+    if layer.bias is not None:
+        nn.init.zeros_(layer.bias)
+
+
 def _groups(channels: int, wanted: int) -> int:
     return math.gcd(channels, wanted)
 
@@ -135,8 +142,7 @@ class ResBlock(nn.Module):
         self.norm2 = nn.GroupNorm(_groups(cout, groups), cout)
         self.dropout = nn.Dropout(dropout)
         self.conv2 = nn.Conv2d(cout, cout, 3, padding=1)
-        nn.init.zeros_(self.conv2.weight)
-        nn.init.zeros_(self.conv2.bias)
+        _zero_init(self.conv2)
         self.skip = nn.Identity() if cin == cout else nn.Conv2d(cin, cout, 1)
 
     def forward(self, x, emb):
@@ -155,8 +161,7 @@ class Attention(nn.Module):
         self.norm = nn.GroupNorm(_groups(channels, groups), channels)
         self.qkv = nn.Conv2d(channels, 3 * channels, 1)
         self.proj = nn.Conv2d(channels, channels, 1)
-        nn.init.zeros_(self.proj.weight)
-        nn.init.zeros_(self.proj.bias)
+        _zero_init(self.proj)
 
     def forward(self, x, emb=None):
         b, c, h, w = x.shape
@@ -207,7 +212,7 @@ class UNet(nn.Module):
         skips, cur, res = [ch], ch, c.image_size
         for level, mult in enumerate(c.channel_mult):
             for _ in range(c.num_res_blocks):
-                layers = [ResBlock(cur, mult * ch, emb_dim, c.dropout, g)]
+                layers: list[nn.Module] = [ResBlock(cur, mult * ch, emb_dim, c.dropout, g)]
                 cur = mult * ch
                 if res in c.attention_resolutions:
                     layers.append(Attention(cur, c.head_channels, g))
@@ -232,8 +237,7 @@ class UNet(nn.Module):
                 self.up.append(Sequence(layers))
         self.norm_out = nn.GroupNorm(_groups(cur, g), cur)
         self.conv_out = nn.Conv2d(cur, c.in_channels, 3, padding=1)
-        nn.init.zeros_(self.conv_out.weight)
-        nn.init.zeros_(self.conv_out.bias)
+        _zero_init(self.conv_out)
 
     def forward(self, u: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
         c = self.config
@@ -244,7 +248,8 @@ class UNet(nn.Module):
         t = t.reshape(-1).expand(u.shape[0]) if t.numel() == 1 else t.reshape(-1)
         emb = self.time_mlp(timestep_embedding(t * c.time_scale, c.model_channels).to(u.dtype))
         if self.label_emb is not None:
-            if y is None:
+            if y is None:                        # row num_classes: "no label"
+                assert c.num_classes is not None     # label_emb exists only with num_classes
                 y = torch.full((u.shape[0],), c.num_classes, dtype=torch.long, device=u.device)
             emb = emb + self.label_emb(y)
         elif y is not None:
