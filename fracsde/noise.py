@@ -354,7 +354,13 @@ class MarkovNoise(nn.Module):
         if dtype != torch.float64 and self.cancellation_of() > REDUCED_PRECISION_CANCELLATION:
             dtype = torch.float64
         device = V.check_device(device) if device is not None else self.gammas.device
-        ts64 = V.as_times(ts, dtype=torch.float64).to(device=device, dtype=torch.float64)
+        ts = V.as_times(ts, dtype=torch.float64)
+        ts64 = ts.to(device=device, dtype=torch.float64)
+        if ts.dtype != torch.float64 and ts.numel() > 2 and is_uniform_grid(ts):
+            # a uniform grid given in float32/16 is uniform to its own precision: keep it uniform in float64 (one
+            # step for all, the fast path) rather than inherit its rounding as 1e−8 jitter in the steps
+            ts64 = ts64[0] + torch.arange(ts.numel(), dtype=torch.float64, device=device) * (
+                (ts64[-1] - ts64[0]) / (ts.numel() - 1))
         if method == "innovations":
             return self._sample_innovations(ts64, batch_size, generator, dtype, device).to(out_dtype)
         out = self._sample_state(ts64, batch_size, generator, dtype, device, return_state, return_brownian)

@@ -37,18 +37,28 @@ import torch
 from scipy import optimize, special
 
 from . import _validation as V
+from .noise import cancellation
 
 __all__ = ["RATE_RULES", "RateRule", "markov_rates", "strong_error", "kernel_projection", "kernel_norm"]
 
 #: The rate rules :func:`markov_rates` and :class:`fracsde.MarkovApproxFBM` accept.
 RATE_RULES = ("geometric", "optimal", "quadrature")
 
+#: The smallest relative strong error float64 resolves (‖K‖² − 2ωᵀc + ωᵀGω carries ~1e−15·‖K‖² of round-off):
+#: :func:`strong_error` reports this bound for anything below it.
+STRONG_ERROR_FLOOR = 3.2e-8
+
+#: The optimal rule refuses a K whose weights cancel beyond this (|ω|ᵀ|Σ||ω| / ωᵀΣω): at H > ½ the error reaches
+#: float64's floor near K ≈ 10 and further rates only trade digits for nothing.
+MAX_RULE_CANCELLATION = 1e8
+
 #: Consecutive optimal rates differ by at least this factor: without it a capped search drifts to nearly equal
 #: rates with huge cancelling weights (measured: ω = ±5e7 for two rates 1 % apart), which no sampler can use.
 MIN_RATE_RATIO = 1.4
 
-#: Rates below this (in units of 1/T) are not searched: e^{−γT} ≈ 1 − γT is then a constant on [0, T].
-_MIN_RATE = 1e-8
+#: Rates below this (in units of 1/T) are not searched: e^{−γT} ≥ 0.999 is a constant on [0, T] to 1e−3, and smaller
+#: rates only add cancellation (the time-integrated error of H > ½ rules lost every digit at 1e−8).
+_MIN_RATE = 1e-3
 #: Above this rate (in units of 1/T) nothing changes in float64 (γ^{−H−½} underflows for no H; P(·, γT) = 1).
 _MAX_RATE = 1e60
 
@@ -139,7 +149,8 @@ def strong_error(hurst: float, rates, weights, horizon: float = 1.0) -> float:
     if not (np.all(np.isfinite(g)) and np.all(g >= 0)):
         raise ValueError(f"rates must be finite and >= 0; got {g.tolist()}")
     e2 = _strong_error_sq(float(hurst), g, w, horizon)
-    return math.sqrt(max(e2, 0.0)) / kernel_norm(float(hurst), horizon)
+    norm = kernel_norm(float(hurst), horizon)
+    return max(math.sqrt(max(e2, 0.0)) / norm, STRONG_ERROR_FLOOR)
 
 
 def kernel_projection(hurst, rates, horizon: float = 1.0) -> torch.Tensor:
@@ -299,6 +310,13 @@ def _quadrature_unit(hurst: float, K: int, cap: Optional[float]) -> tuple:
     return rule(ends(best.x))
 
 
+def _optimal(hurst: float, K: int, cap: Optional[float], horizon: float):
+    """(rates, weights) of the optimal rule on [0, horizon] (float64 tensors)."""
+    g = torch.from_numpy(np.exp(_optimal_unit(hurst, K, cap))) / horizon
+    w = torch.from_numpy(_projection(_gram(g.numpy(), horizon), _inner(hurst, g.numpy(), horizon)))
+    return g, w
+
+
 # ------------------------------------------------------------------------------------------------ public
 def check_rule(rates: str) -> str:
     """The rule name, or a ValueError listing :data:`RATE_RULES`."""
@@ -353,8 +371,15 @@ def markov_rates(hurst: float, num_processes: int, rates: str = "geometric", max
         if cap is not None and cap <= _MIN_RATE * 10:
             raise ValueError(f"max_rate must be > {_MIN_RATE * 10:g}/horizon; got {max_rate:g}")
         if rule == "optimal":
-            g = torch.from_numpy(np.exp(_optimal_unit(hurst, K, cap))) / horizon
-            w = torch.from_numpy(_projection(_gram(g.numpy(), horizon), _inner(hurst, g.numpy(), horizon)))
+            g, w = _optimal(hurst, K, cap, horizon)
+            kappa = cancellation(g, w, "type2", horizon)
+            if kappa > MAX_RULE_CANCELLATION:
+                usable = max((k for k in range(1, K) if cancellation(*_optimal(hurst, k, cap, horizon), "type2",
+                                                                     horizon) <= MAX_RULE_CANCELLATION), default=1)
+                best = strong_error(hurst, *_optimal(hurst, usable, cap, horizon), horizon)
+                raise ValueError(f"rates='optimal' with num_processes={K} at hurst={hurst:g}: the weights cancel by "
+                                 f"{kappa:.1e} (float64 keeps 16 digits) for no gain — num_processes={usable} already "
+                                 f"reaches a strong error of {best:.2e}; use num_processes <= {usable}")
         else:
             if not hurst < 0.5:
                 raise ValueError(f"rates='quadrature' needs hurst < 0.5 (the kernel is a Laplace transform of a "
