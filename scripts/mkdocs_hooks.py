@@ -1,0 +1,82 @@
+"""MkDocs hooks (mkdocs.yml ``hooks:``).
+
+- ``notebooks/*.ipynb`` are published at ``notebooks/`` of the site: they live outside ``docs/`` (the tests
+  execute them where they are), and this lets the pages link them with strict link checking.
+- A line ``<!-- api: PACKAGE -->`` in a page becomes one mkdocstrings block (``::: PACKAGE.NAME``) per name of
+  ``PACKAGE.__all__``, in its order, so the API reference always lists exactly the exported names. ``__all__``
+  is read from the package's ``__init__.py`` source (a list of string literals), without importing it.
+- Sphinx roles left in docstrings (``:class:`~fracsde.MarkovNoise```, ``:meth:`marginal```) become links to the
+  rendered object when the name (or its trailing part) names exactly one object of the API pages, and plain
+  code otherwise.
+"""
+from __future__ import annotations
+
+import ast
+import re
+from pathlib import Path
+
+from mkdocs.structure.files import File, Files
+from mkdocs.utils import get_relative_url
+
+ROOT = Path(__file__).resolve().parents[1]
+API_MARKER = re.compile(r"^<!-- api: ([\w.]+) -->$", re.M)
+OBJECT_ID = re.compile(r'id="((?:fracsde|models)\.[\w.]+)"')
+ROLE = re.compile(r":(?:class|func|meth|attr|mod|data|exc):<code>(~?)([\w.]+)</code>")
+_anchors: dict[str, str] = {}          # rendered object id -> URL of its page
+
+
+def public_names(package: str) -> list[str]:
+    """The string literals of ``package.__all__`` in ``<package path>/__init__.py`` (ValueError if none)."""
+    init = ROOT.joinpath(*package.split("."), "__init__.py")
+    for node in ast.parse(init.read_text()).body:
+        if isinstance(node, ast.Assign) and any(isinstance(t, ast.Name) and t.id == "__all__" for t in node.targets):
+            return list(ast.literal_eval(node.value))
+    raise ValueError(f"{init} defines no __all__ list; the API reference renders exactly __all__")
+
+
+def on_files(files: Files, config) -> Files:
+    for nb in sorted((ROOT / "notebooks").glob("*.ipynb")):
+        files.append(File(f"notebooks/{nb.name}", src_dir=str(ROOT), dest_dir=config["site_dir"],
+                          use_directory_urls=config["use_directory_urls"]))
+    return files
+
+
+def on_page_markdown(markdown: str, page, config, files) -> str:
+    def blocks(match: re.Match) -> str:
+        package = match.group(1)
+        return "\n\n".join(f"::: {package}.{name}" for name in public_names(package))
+
+    return API_MARKER.sub(blocks, markdown)
+
+
+def on_page_content(html: str, page, config, files) -> str:
+    for object_id in OBJECT_ID.findall(html):
+        _anchors.setdefault(object_id, page.url)
+    return html
+
+
+def _resolve(name: str) -> str | None:
+    """The one rendered object id that ``name`` or its shortest unambiguous trailing part names, if any."""
+    parts = name.split(".")
+    for k in range(len(parts)):
+        suffix = ".".join(parts[k:])
+        found = [i for i in _anchors if i == suffix or i.endswith("." + suffix)]
+        if len(found) == 1:
+            return found[0]
+        if found:
+            return None                  # ambiguous: a longer suffix did not decide it either
+    return None
+
+
+def on_post_page(output: str, page, config) -> str:
+    # every page's content is rendered (on_page_content) before any page is written, so _anchors is complete
+    def link(match: re.Match) -> str:
+        short, name = match.groups()
+        text = f"<code>{name.rsplit('.', 1)[-1] if short else name}</code>"
+        target = _resolve(name)
+        if target is None:
+            return text
+        href = get_relative_url(_anchors[target], page.url) + "#" + target
+        return f'<a class="autorefs autorefs-internal" href="{href}">{text}</a>'
+
+    return ROLE.sub(link, output)
