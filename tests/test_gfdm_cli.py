@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 import torch
 
+from models.gfdm.checkpoint import payload_checksum
 from models.gfdm.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -98,7 +99,7 @@ def test_train_writes_checkpoint_metrics_and_grids(runs):
 
 def test_resume_after_kill_is_bit_identical(runs):
     assert runs["killed_rc"] == -signal.SIGKILL and 40 <= runs["killed_at"] < 100
-    assert runs["term_rc"] == 0 and "stopped (SIGTERM)" in runs["term_out"]
+    assert runs["term_rc"] == 128 + signal.SIGTERM and "stopped (SIGTERM)" in runs["term_out"]   # saved, 143
     assert runs["killed_at"] < runs["termed_at"] < 100
     assert "resumed from" in runs["resume_out"] and f"at step {runs['termed_at']}" in runs["resume_out"]
     a = torch.load(runs["full"] / "checkpoint.pt", weights_only=True)
@@ -295,9 +296,10 @@ def test_bad_checkpoints_give_clear_errors_and_touch_nothing(runs, tmp_path, cap
     # a checkpoint of another run: different dynamics, different network
     assert main(["train", *RUN, "--dynamics", "vp", "--out", str(run), "--resume", "--steps", "120"]) == 2
     err = capsys.readouterr().err
-    assert "does not match this run; nothing was changed" in err and "dynamics: checkpoint 'fvp'" in err
+    assert "--dynamics vp --hurst 0.9 --num-processes 3 gives VP (the checkpoint has FVP(H=0.9,K=3))" in err
+    assert "nothing was changed" in err
     assert main(["train", *RUN, "--channels", "32", "--out", str(run), "--resume", "--steps", "120"]) == 2
-    assert "network: checkpoint" in capsys.readouterr().err
+    assert "--channels 32 (the checkpoint has None) contradicts the run" in capsys.readouterr().err
     # training into a folder with a checkpoint without --resume
     assert main(["train", *RUN, "--out", str(run)]) == 2
     assert "pass --resume" in capsys.readouterr().err
@@ -316,6 +318,7 @@ def test_bad_checkpoints_give_clear_errors_and_touch_nothing(runs, tmp_path, cap
     # weights that do not fit the network described in the checkpoint
     state = torch.load(run / "checkpoint.pt", weights_only=True)
     state["ema"]["conv_in.weight"] = torch.zeros(3, 3, 3, 3)
+    state["checksum"] = payload_checksum(state)           # a consistent file, only its weights do not fit
     torch.save(state, tmp_path / "shape.pt")
     assert main(["sample", "--checkpoint", str(tmp_path / "shape.pt"), "--num", "2", "--steps", "2"]) == 2
     assert "shape mismatch conv_in.weight" in capsys.readouterr().err

@@ -3,14 +3,16 @@
 A checkpoint is a ``dict`` of tensors and plain Python values (no pickled classes), so loading one never
 runs code. It is written to a temporary file in the target folder, flushed to disk and renamed over the
 target with :func:`os.replace`, so a crash leaves either the old or the new checkpoint, never half a file.
-:func:`load_checkpoint` checks the format and the required keys and raises :class:`CheckpointError` with
-a readable message; callers check everything before they change any model, optimiser or file.
+It carries the SHA-256 of its contents (:func:`payload_checksum`). :func:`load_checkpoint` checks the format,
+the required keys and the checksum and raises :class:`CheckpointError` with a readable message; callers check
+everything before they change any model, optimiser or file.
 
 Also here: the global RNG states as plain tensors (:func:`rng_state` / :func:`set_rng_state`), and
 :func:`load_for_sampling`, which rebuilds the network and the dynamics a checkpoint describes.
 """
 from __future__ import annotations
 
+import hashlib
 import os
 import random
 import tempfile
@@ -21,11 +23,12 @@ import torch
 from torch import nn
 
 from .precondition import make_eps_model
+from .runfiles import atomic_write
 from .spec import DynamicsSpec
 from .unet import UNet, UNetConfig
 
-__all__ = ["CheckpointError", "check_output_path", "save_checkpoint", "atomic_save", "load_checkpoint", "check_state_dict", "FORMAT",
-           "rng_state", "set_rng_state", "load_for_sampling"]
+__all__ = ["CheckpointError", "check_output_path", "save_checkpoint", "atomic_save", "load_checkpoint",
+           "check_state_dict", "payload_checksum", "FORMAT", "rng_state", "set_rng_state", "load_for_sampling"]
 
 FORMAT = "fracsde-gfdm-checkpoint"
 VERSION = 1
@@ -52,39 +55,53 @@ def check_output_path(path, flag: str = "--out", folder: bool = True) -> Path:
     if not os.access(base, os.W_OK | os.X_OK) or (not folder and path.exists() and not os.access(path, os.W_OK)):
         raise PermissionError(f"{flag} {path}: {base if not path.exists() or folder else path} is not writable "
                               f"(permissions or a read-only file system); choose another {flag}")
+    try:            # write permission is not enough: /proc, /sys and full or special file systems refuse files
+        with tempfile.TemporaryFile(dir=base):
+            pass
+    except OSError as e:
+        raise PermissionError(f"{flag} {path}: {base} does not accept new files ({e.strerror}; a special, full or "
+                              f"read-only file system); choose another {flag}") from None
     return path
 
 
 def save_checkpoint(state: dict, path: str | os.PathLike) -> Path:
-    """Write a training/sampling checkpoint (adds the format tag) atomically."""
-    return atomic_save({"format": FORMAT, "version": VERSION, **state}, path)
+    """Write a training/sampling checkpoint (adds the format tag and the payload's checksum) atomically."""
+    state = {"format": FORMAT, "version": VERSION, **state}
+    return atomic_save({**state, "checksum": payload_checksum(state)}, path)
 
 
 def atomic_save(state, path: str | os.PathLike) -> Path:
-    """``torch.save`` to a temporary file in the same folder, fsync, then ``os.replace``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~_umask())       # mkstemp's 0600 → the mode any new file of the user gets
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-    return path
+    """``torch.save`` whole or not at all (:func:`models.gfdm.runfiles.atomic_write`)."""
+    return atomic_write(path, lambda f: torch.save(state, f))
 
 
-def _umask() -> int:
-    mask = os.umask(0o22)
-    os.umask(mask)
-    return mask
+def payload_checksum(state) -> str:
+    """SHA-256 of a checkpoint's contents: every key, plain value and tensor (dtype, shape and bytes), in key
+    order, except the ``"checksum"`` entry itself. Stored on save and verified on every load, so flipped bytes
+    inside a weight tensor (which torch loads without complaint) are found."""
+    h = hashlib.sha256()
+
+    def visit(value):
+        if isinstance(value, dict):
+            h.update(b"{")
+            for key in sorted(value, key=repr):
+                if key != "checksum":
+                    h.update(repr(key).encode())
+                    visit(value[key])
+            h.update(b"}")
+        elif isinstance(value, (list, tuple)):
+            h.update(b"[")
+            for item in value:
+                visit(item)
+            h.update(b"]")
+        elif isinstance(value, torch.Tensor):
+            t = value.detach().cpu().contiguous()
+            h.update(f"T{t.dtype}{tuple(t.shape)}".encode())
+            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        else:
+            h.update(repr(value).encode())
+    visit(state)
+    return h.hexdigest()
 
 
 def unpickling_reason(e: Exception) -> str:
@@ -118,6 +135,9 @@ def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:
     missing = [k for k in REQUIRED if k not in state]
     if missing:
         raise CheckpointError(f"{path} lacks the entries {missing}")
+    if "checksum" in state and payload_checksum(state) != state["checksum"]:     # older checkpoints have none
+        raise CheckpointError(f"checkpoint {path} is damaged: its contents do not match the checksum stored in it "
+                              f"(bytes changed on disk or in transfer); use another copy or retrain")
     return state
 
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import os
 import sys
 import time
@@ -26,6 +27,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
+from .runfiles import RunLockedError, atomic_write, check_unlocked, disk_error, run_lock, sweep_temporaries, \
+    write_text
 
 __all__ = ["main", "build_parser"]
 
@@ -192,6 +196,7 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict]:
     p.add_argument("--out", default=None, help="output folder (default: next to the checkpoint)")
     p.add_argument("--label", type=int, default=None, help="class label for all images (class-conditional nets; "
                                                            "default: balanced over classes)")
+    p.add_argument("--overwrite", action="store_true", help="replace the samples OUT already holds")
     _add_sampling_args(p, 64, 1000)
 
     p = subs["evaluate"] = sub.add_parser("evaluate", formatter_class=_FMT, help="FID, VS_p and NLL",
@@ -201,6 +206,7 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict]:
     src.add_argument("--checkpoint", default=None, help="checkpoint to sample from")
     src.add_argument("--samples", default=None, help=".npz written by gfdm sample (evaluated as is)")
     p.add_argument("--out", default=None, help="JSON file for the results (default: next to the input)")
+    p.add_argument("--overwrite", action="store_true", help="replace the results file OUT if it exists")
     _add_data_args(p)
     _add_sampling_args(p, 1000, 1000)
     _add_metric_args(p)
@@ -268,6 +274,9 @@ def _apply_config(sub: argparse.ArgumentParser, values: dict, path: str, command
     checked = {}
     for key, v in values.items():
         a = actions[key]
+        if v is None and a.default is not None and not isinstance(a, argparse.BooleanOptionalAction):
+            raise _ArgError(f"config file {path}: {key}=null is invalid (it has no 'unset' value; give a value or "
+                            f"leave the key out for its default {a.default!r})")
         try:
             if a.nargs in ("+", "*") and v is not None:
                 if not isinstance(v, list):
@@ -298,17 +307,42 @@ def _apply_config(sub: argparse.ArgumentParser, values: dict, path: str, command
             group.required = False
 
 
+def _typed(sub: argparse.ArgumentParser, argv: list) -> set:
+    """The destinations of the flags typed in ``argv`` (a sub-command's arguments), whatever their values —
+    parsed again with every default suppressed, so a flag equal to its default still counts as given."""
+    saved = [(a, a.default) for a in sub._actions]
+    try:
+        for a, _ in saved:
+            a.default = argparse.SUPPRESS
+        typed, _ = sub.parse_known_args(argv)
+    finally:
+        for a, default in saved:
+            a.default = default
+    return set(vars(typed))
+
+
 def parse_args(argv=None) -> argparse.Namespace:
+    """The arguments; ``args.given`` holds the settings the user gave (typed flags and config-file keys)."""
     parser, subs = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
+    given = _typed(subs[args.command], argv[argv.index(args.command) + 1:])
     if getattr(args, "config", None):
         try:
-            _apply_config(subs[args.command], _read_config(args.config), args.config, args.command)
+            values = _read_config(args.config)
+            _apply_config(subs[args.command], values, args.config, args.command)
         except _ArgError as e:
             subs[args.command].error(str(e))
         args = parser.parse_args(argv)
+        given |= set(values) if args.command != "train" else set(_settings(values))
+    args.given = given
     return args
+
+
+def _settings(values: dict) -> dict:
+    from .config import settings_only
+
+    return settings_only(values)
 
 
 # -------------------------------------------------------------------------------------------- commands
@@ -320,10 +354,12 @@ def _train_config(args, exclude=(), **extra):
 
 
 def _resumed_config(args, log):
-    """With ``--resume``: the run's own settings from its checkpoint, and on top only the flags that were changed
-    from their defaults (an identity setting that differs is then refused by ``train``, naming it)."""
-    from .checkpoint import load_checkpoint
-    from .config import TrainConfig
+    """With ``--resume``: the run's own settings from its checkpoint (the source of truth; the folder's
+    config.json is a copy), and on top the settings the user gave (typed flags, config-file keys). One that
+    contradicts what defines the run (its dynamics, recipe, optimiser, data, network) is refused, named —
+    whether or not it equals the flag's default; the others (e.g. more --steps) change the run."""
+    from .checkpoint import CheckpointError, load_checkpoint
+    from .config import IDENTITY_KEYS, NETWORK_KEYS, TrainConfig
 
     path = Path(args.out) / "checkpoint.pt" if args.resume == "auto" else Path(args.resume)
     if not path.is_file():
@@ -331,11 +367,28 @@ def _resumed_config(args, log):
     saved = load_checkpoint(path).get("config")
     if not isinstance(saved, dict):
         return None
-    defaults = TrainConfig.defaults()
-    given = {name: getattr(args, name) for name in _config_names() if getattr(args, name) != defaults[name]}
-    values = {**TrainConfig.from_dict(saved).to_dict(), **given, "out": args.out, "resume": args.resume}
-    log(f"--resume: settings from {path}" + (f"; changed here: {', '.join(sorted(given))}" if given else ""))
-    return TrainConfig(**values)
+    saved_cfg = TrainConfig.from_dict(saved)
+    given = {name: getattr(args, name) for name in _config_names() if name in args.given
+             and name not in ("out", "resume")}
+    cfg = TrainConfig(**{**saved_cfg.to_dict(), **given, "out": args.out, "resume": args.resume})
+    flag = lambda k: f"--{k.replace('_', '-')}"          # noqa: E731
+    dyn_keys = ("dynamics", "hurst", "num_processes", "covariance_jitter")
+    typed_dyn = [k for k in dyn_keys if k in given]
+    contradict = []
+    if typed_dyn and cfg.dynamics_spec() != saved_cfg.dynamics_spec():
+        contradict.append(" ".join(f"{flag(k)} {given[k]}" for k in typed_dyn) + f" gives {cfg.dynamics_spec().label}"
+                          f" (the checkpoint has {saved_cfg.dynamics_spec().label})")
+    contradict += [f"{flag(k)} {given[k]} (the checkpoint has {getattr(saved_cfg, k)!r})"
+                   for k in (*IDENTITY_KEYS, *NETWORK_KEYS) if k in given and k not in dyn_keys
+                   and getattr(cfg, k) != getattr(saved_cfg, k)]
+    if contradict:
+        raise CheckpointError(f"--resume {path}: {'; '.join(contradict)} contradicts the run being "
+                              f"resumed; nothing was changed. Leave the flag out (a resumed run takes its settings "
+                              f"from its checkpoint) or start a new run in another --out")
+    changed = sorted(k for k in given if getattr(cfg, k) != getattr(saved_cfg, k))
+    log(f"--resume: settings from {path} (the source of truth; config.json is its copy)"
+        + (f"; changed here: {', '.join(changed)}" if changed else ""))
+    return cfg
 
 
 def _cmd_train(args, log):
@@ -343,10 +396,16 @@ def _cmd_train(args, log):
 
     cfg = (_resumed_config(args, log) if args.resume else None) or _train_config(args)
     result = train(cfg, log=log)
+    if result["stopped"] in _SIGNAL_EXIT:
+        return _SIGNAL_EXIT[result["stopped"]]
     if result["step"]:
         log(f"done: step {result['step']}, loss {result['loss']:.4f}, {result['img_per_s']:.0f} img/s, "
             f"checkpoint {result['checkpoint']}")
     return 0
+
+
+#: exit status of a run stopped by a signal (after its checkpoint): 128 + the signal's number, as shells report it
+_SIGNAL_EXIT = {"SIGINT": 130, "SIGTERM": 143}
 
 
 def _sample(args, ctx, log):
@@ -360,6 +419,11 @@ def _sample(args, ctx, log):
         raise ValueError("--label needs a class-conditional checkpoint (trained with --class-cond)")
     if args.label is not None and not 0 <= args.label < ncls:
         raise ValueError(f"--label must lie in [0, {ncls - 1}]; got {args.label}")
+    from .distributed import check_fits
+
+    # the samples stay in host memory as float32, then float32 + uint8 copies for the .npz
+    check_fits(args.num * math.prod(shape) * 9, torch.device("cpu"), f"--num {args.num} images of shape {shape}",
+               "sample fewer images per call (e.g. several calls with different --seed)")
     labels = class_labels(args.num, ncls) if args.label is None else torch.full((args.num,), args.label)
     t0 = time.perf_counter()
     x = generate(model, dyn, args.num, shape, batch_size=args.batch_size, steps=args.steps, method=args.method,
@@ -381,38 +445,51 @@ def _check_sampling_args(args):
 
 def _cmd_sample(args, ctx, log):
     from .checkpoint import check_output_path
-    from .generate import save_grid
-    from .metrics import quantize
 
     _check_sampling_args(args)
     out = Path(args.out) if args.out else Path(args.checkpoint).parent / (
         f"samples-{args.weights}-{args.method}-{_grid_name(args)}-{args.steps}-n{args.num}-seed{args.seed}")
     check_output_path(out, "--out")
+    _refuse_existing([out / "samples.npz", out / "grid.png"], args.overwrite, "--out", "samples")
+    check_unlocked(out)
+    with run_lock(out, "sample", log=log):
+        return _write_samples(args, ctx, log, out)
+
+
+def _refuse_existing(paths, overwrite: bool, flag: str, what: str) -> None:
+    """One rule for every command: results already there are kept unless ``--overwrite``."""
+    there = [str(p) for p in paths if p.exists()]
+    if there and not overwrite:
+        raise FileExistsError(f"{flag}: {', '.join(there)} already exist; pass --overwrite to replace the {what} or "
+                              f"choose another {flag}")
+
+
+def _write_samples(args, ctx, log, out: Path) -> int:
+    from .generate import save_grid
+    from .metrics import quantize
+
+    sweep_temporaries(out, ("samples.npz", "grid.png"))
     x, labels, state, seconds = _sample(args, ctx, log)
     if not ctx.is_main:
         return 0
-    out.mkdir(parents=True, exist_ok=True)
     grid = save_grid(x[:256], out / "grid.png")
     meta = {"checkpoint": str(args.checkpoint), "step": int(state["step"]), "dynamics": state["dynamics"],
             "dataset": state["dataset"]["name"], "num": args.num, "steps": args.steps, "method": args.method,
             "grid": _grid_name(args),
             "weights": args.weights, "seed": args.seed, "seconds": seconds}
-    np.savez_compressed(out / "samples.npz", x=x.numpy().astype(np.float32),
-                        images=quantize(x).permute(0, 2, 3, 1).numpy(),
-                        labels=(labels.numpy() if labels is not None else np.zeros(0, np.int64)),
-                        meta=np.array(json.dumps(meta)))
+    atomic_write(out / "samples.npz", lambda f: np.savez_compressed(
+        f, x=x.numpy().astype(np.float32), images=quantize(x).permute(0, 2, 3, 1).numpy(),
+        labels=(labels.numpy() if labels is not None else np.zeros(0, np.int64)), meta=np.array(json.dumps(meta))))
     log(f"{args.num} images in {seconds:.1f} s ({args.num / seconds:.1f} img/s) → {grid}, {out / 'samples.npz'}")
     return 0
 
 
 def _cmd_evaluate(args, ctx, log):
-    from .data import load_dataset
-    from .checkpoint import check_output_path, load_checkpoint, load_for_sampling
-    from .evaluate import evaluate_samples, nll_bits_per_dim
+    from .checkpoint import check_output_path, load_checkpoint
     from .metrics.fid import check_feature_args
 
     check_feature_args(args.inception, args.fid_convention)     # before any sampling
-    state = None
+    x = dataset = seconds = None
     if args.nll:
         if args.samples:
             raise ValueError("--nll needs --checkpoint (the network), not --samples")
@@ -424,14 +501,27 @@ def _cmd_evaluate(args, ctx, log):
         seconds = None
         default_out = Path(args.samples).with_suffix(".eval.json")
         dataset = _matching_dataset(args.dataset, meta.get("dataset"), args.samples)
-        check_output_path(Path(args.out) if args.out else default_out, "--out", folder=False)
     else:
         _check_sampling_args(args)
         default_out = Path(args.checkpoint).parent / (f"eval-{args.weights}-{args.method}-{_grid_name(args)}-"
                                                       f"{args.steps}-n{args.num}-seed{args.seed}.json")
         if args.dataset:      # checked before sampling
             _matching_dataset(args.dataset, load_checkpoint(args.checkpoint)["dataset"]["name"], args.checkpoint)
-        check_output_path(Path(args.out) if args.out else default_out, "--out", folder=False)
+    out = Path(args.out) if args.out else default_out
+    check_output_path(out, "--out", folder=False)
+    _refuse_existing([out], args.overwrite, "--out", "results")
+    check_unlocked(out, folder=False)
+    with run_lock(out, "evaluate", folder=False, log=log):
+        return _evaluate(args, ctx, log, out, x, dataset, seconds)
+
+
+def _evaluate(args, ctx, log, out: Path, x, dataset, seconds) -> int:
+    from .data import load_dataset
+    from .checkpoint import load_for_sampling
+    from .evaluate import evaluate_samples, nll_bits_per_dim
+
+    state = None
+    if x is None:
         args.label = None
         x, _, state, seconds = _sample(args, ctx, log)
         dataset = state["dataset"]["name"]
@@ -441,7 +531,7 @@ def _cmd_evaluate(args, ctx, log):
     if ctx.is_main:
         results = evaluate_samples(x, train, test, inception=args.inception, cache_dir=args.cache_dir,
                                    device=ctx.device, ref_max=args.ref_max, log=log,
-                                   fid_convention=args.fid_convention)
+                                   fid_convention=args.fid_convention, progress=args.progress)
         results.update({"dataset": dataset, "sampling_seconds": seconds,
                         "source": args.samples or args.checkpoint})
     if args.nll:
@@ -461,9 +551,7 @@ def _cmd_evaluate(args, ctx, log):
     if "nll_bpd" in results:
         log(f"NLL: {results['nll_bpd']:.3f} ± {results['nll_bpd_sem']:.3f} bits/dim "
             f"({results['nll_num']} test images, {results['nll_steps']} ODE steps)")
-    out = Path(args.out) if args.out else default_out
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(results, indent=2, default=str))
+    write_text(out, json.dumps(results, indent=2, default=str))
     log(f"results → {out}")
     return 0
 
@@ -476,12 +564,19 @@ def _read_samples(path) -> tuple[torch.Tensor, dict]:
     if not p.is_file():
         raise FileNotFoundError(f"--samples {p} " + ("is a folder, not an .npz file" if p.is_dir()
                                                       else "does not exist"))
+    not_ours = f"--samples {p} is not a samples file written by gfdm sample"
     try:
         with np.load(p, allow_pickle=False) as z:
+            if not hasattr(z, "files"):
+                raise ValueError(f"{not_ours} (a single array, not an .npz archive)")
             if "x" not in z:
-                raise ValueError(f"--samples {p} has no array 'x' (write it with gfdm sample)")
+                raise ValueError(f"{not_ours} (it has no array 'x'; it holds {sorted(z.files)[:5]})")
             x = torch.from_numpy(z["x"])
             meta = json.loads(str(z["meta"])) if "meta" in z else {}
+    except ValueError as e:
+        if str(e).startswith(not_ours):
+            raise
+        raise ValueError(f"{not_ours} (its arrays need pickled objects, or it is not numpy data at all)") from None
     except (EOFError, OSError, zipfile.BadZipFile, json.JSONDecodeError) as e:
         raise ValueError(f"--samples {p} cannot be read as an .npz of gfdm samples (empty or damaged: "
                          f"{type(e).__name__}: {e})") from None
@@ -522,14 +617,17 @@ def _cmd_compare(args, log):
     check_feature_args(args.inception, args.fid_convention)     # before any training
     base = _train_config(args, exclude=_COMPARE_OWN, out=args.out)
     t0 = time.perf_counter()
+    check_unlocked(args.out)
     res = compare(specs, base, args.out, num_samples=args.num_samples, sample_steps=args.sample_steps,
                   method=args.method, grid=args.grid, sample_batch=args.sample_batch, inception=args.inception,
                   fid_convention=args.fid_convention, cache_dir=args.cache_dir, reuse=args.reuse,
                   overwrite=args.overwrite, log=log)
+    if res.get("stopped"):
+        return _SIGNAL_EXIT.get(res["stopped"], 0)
     if res:
         log("")
         log(res["table"])
-        log(f"\n{res['rows'][0]['fid_label']}")
+        log(f"\n{res['notes']}\n{res['rows'][0]['fid_label']}")
         log(f"table → {res['path']}; grids → {args.out}/grid-*.png; total {time.perf_counter() - t0:.0f} s")
     return 0
 
@@ -557,8 +655,13 @@ def main(argv=None) -> int:
             return _cmd_sample(args, ctx, log)
         return _cmd_evaluate(args, ctx, log)
     except (CheckpointError, DatasetNotFoundError, FileExistsError, ValueError, FileNotFoundError,
-            PermissionError) as e:
+            PermissionError, RunLockedError) as e:
         print(f"gfdm {args.command}: error: {e}", file=sys.stderr, flush=True)
+        return 2
+    except OSError as e:
+        if disk_error(e) is None:
+            raise
+        print(f"gfdm {args.command}: error: {disk_error(e)}", file=sys.stderr, flush=True)
         return 2
     finally:
         distributed.shutdown()

@@ -11,13 +11,21 @@ from .config import TrainConfig
 from .data import load_dataset
 from .evaluate import evaluate_samples
 from .generate import class_labels, derive_seed, generate, save_grid
+from .runfiles import run_lock, sweep_temporaries, write_text
 from .spec import RunSpec
 from .train import train
 
-__all__ = ["compare", "format_table", "DEFAULT_SPECS"]
+__all__ = ["compare", "format_table", "DEFAULT_SPECS", "NOTES"]
 
 #: VP, FVP(0.9, 3) with the paper's recipe, and FVP(0.9, 3) noise-aware (docs/images.md, the equal-budget study)
 DEFAULT_SPECS = ("vp", "fvp:H=0.9,K=3", "fvp:H=0.9,K=3@precondition=edm;time_sampling=like:vp")
+
+
+#: what the table's columns mean (printed under it and written into compare.md)
+NOTES = ("± : bootstrap standard deviation of the FID over resamplings of the samples, a rough gauge of its sampling "
+         "noise (training noise is not included).\n"
+         "final loss: each row's own training objective (its time law and loss weight differ with the dynamics and "
+         "the recipe), so it is NOT comparable across rows; compare the FID and VS_p.")
 
 
 def format_table(rows: list[dict], fid_header: str) -> str:
@@ -55,17 +63,29 @@ def compare(specs: list[RunSpec], base: TrainConfig, out, *, num_samples: int = 
         raise FileExistsError(f"{out} already holds runs ({', '.join(finished)}); pass --reuse to continue and "
                               f"reuse them or --overwrite to retrain them")
     ctx = distributed.init(base.device)
+    with run_lock(out, "compare", log=log):
+        sweep_temporaries(out, ("compare.md", "compare.json", "grid-*.png"))
+        return _compare(specs, base, out, ctx, num_samples=num_samples, sample_steps=sample_steps, method=method,
+                        sample_batch=sample_batch, inception=inception, grid=grid, cache_dir=cache_dir,
+                        fid_convention=fid_convention, reuse=reuse, overwrite=overwrite, log=log)
+
+
+def _compare(specs, base, out, ctx, *, num_samples, sample_steps, method, sample_batch, inception, grid, cache_dir,
+             fid_convention, reuse, overwrite, log) -> dict:
+    """The runs of :func:`compare`, in its locked output folder."""
     train_data = load_dataset(base.dataset, base.data_root, "train", base.download)
     test_data = load_dataset(base.dataset, base.data_root, "test", base.download)
     rows = []
     for spec in specs:
         exists = (out / spec.slug / "checkpoint.pt").exists()
+        # --reuse: a finished run is reused, an unfinished one continued, one without a checkpoint (stopped before
+        # its first) started over — it is this command's own
         cfg = base.with_dynamics(spec.dynamics, out=str(out / spec.slug), resume="auto" if reuse and exists else None,
-                                 overwrite=overwrite, **spec.recipe)
+                                 overwrite=overwrite or (reuse and not exists), **spec.recipe)
         result = train(cfg, log=log)
         if result["stopped"]:      # SIGTERM / Ctrl-C / time limit: stop the whole comparison, resumable
             log(f"compare stopped during {spec.label} ({result['stopped']}); rerun with --reuse to continue")
-            return {}
+            return {"stopped": result["stopped"]}
         model, dyn, state = load_for_sampling(result["checkpoint"], device=ctx.device, weights="ema")
         labels = class_labels(num_samples, state["unet_config"]["num_classes"])
         t0 = time.perf_counter()
@@ -73,9 +93,11 @@ def compare(specs: list[RunSpec], base: TrainConfig, out, *, num_samples: int = 
                            method=method, seed=derive_seed(base.seed, 0xC0FE), labels=labels, ctx=ctx, grid=grid)
         sample_time = time.perf_counter() - t0
         if ctx.is_main:
-            save_grid(samples[:64], out / f"grid-{spec.slug}.png")
+            save_grid(samples[:100], out / f"grid-{spec.slug}.png", title=spec.label,
+                      scale=max(1, 64 // max(train_data.shape[1:])))
             metrics = evaluate_samples(samples, train_data, test_data, inception=inception, cache_dir=cache_dir,
-                                       device=ctx.device, log=log, fid_convention=fid_convention)
+                                       device=ctx.device, log=log, fid_convention=fid_convention,
+                                       progress=base.progress)
             summary = {k: v for k, v in result.items() if k not in ("model", "ema")}
             row = {**summary, **metrics, "label": spec.label, "run_spec": spec.text, "sample_time_s": sample_time,
                    "sample_steps": sample_steps, "method": method, "grid": grid}
@@ -94,12 +116,9 @@ def compare(specs: list[RunSpec], base: TrainConfig, out, *, num_samples: int = 
     note = rows[0]["fid_label"]
     text = (f"# gfdm compare on {base.dataset}\n\nSame budget for every row: {base.steps} steps × batch "
             f"{base.batch_size}, U-Net preset {base.preset}, seed {base.seed}; {num_samples} samples, "
-            f"{sample_steps} {method.upper()} steps, EMA weights. ± is the bootstrap standard deviation of the "
-            f"FID over resamplings of the samples: a rough, usually pessimistic gauge of its sampling noise "
-            f"(training noise is not included).\n\n"
-            f"{table}\n\n{note}.\n")   # the label names the kind of FID itself
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "compare.md").write_text(text)
-    (out / "compare.json").write_text(json.dumps({"rows": rows, "fid_label": note}, indent=2, default=str))
-    return {"rows": rows, "table": table, "text": text, "path": str(out / "compare.md")}
+            f"{sample_steps} {method.upper()} steps, EMA weights.\n\n"
+            f"{table}\n\n{NOTES}\n\n{note}.\n")   # the label names the kind of FID itself
+    write_text(out / "compare.md", text)
+    write_text(out / "compare.json", json.dumps({"rows": rows, "fid_label": note}, indent=2, default=str))
+    return {"rows": rows, "table": table, "notes": NOTES, "text": text, "path": str(out / "compare.md")}
 

@@ -13,7 +13,7 @@ from .data import DATASETS, datasets_help
 from .spec import DynamicsSpec
 from .unet import PRESETS
 
-__all__ = ["TrainConfig", "IDENTITY_KEYS", "AMP_CHOICES", "RENAMED", "RECORDED", "settings_only"]
+__all__ = ["TrainConfig", "IDENTITY_KEYS", "NETWORK_KEYS", "AMP_CHOICES", "RENAMED", "RECORDED", "settings_only"]
 
 AMP_CHOICES = ("auto", "bf16", "off")
 #: older field name → its name now (read from old checkpoints and config files)
@@ -191,6 +191,10 @@ def normalize_keys(d: dict) -> dict:
 IDENTITY_KEYS = ("dataset", "hflip", "dynamics", "hurst", "num_processes", "class_cond", "batch_size",
                  "seed", "t_eps", "lr", "lr_warmup", "grad_clip", "ema_halflife_kimg", "ema_rampup",
                  "covariance_jitter", "time_sampling", "precondition", "sigma_data")
+
+
+#: the settings that define the network (its shape): fixed for a run, like IDENTITY_KEYS
+NETWORK_KEYS = tuple(f.name for f in fields(TrainConfig) if f.metadata["group"] == "network")
 
 
 def _sampler_names():

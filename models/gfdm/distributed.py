@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-__all__ = ["Context", "init", "pick_device"]
+__all__ = ["Context", "init", "pick_device", "device_memory", "check_fits"]
 
 
 def pick_device(device: str = "auto", local_rank: int = 0) -> torch.device:
@@ -22,12 +22,31 @@ def pick_device(device: str = "auto", local_rank: int = 0) -> torch.device:
     except (RuntimeError, TypeError):
         raise ValueError(f"device must be auto, cpu, cuda, cuda:N or another torch device type; got {device!r}") \
             from None
+    if d.type == "meta":
+        raise ValueError("device 'meta' holds shapes without values: nothing can be trained or sampled on it; use "
+                         "auto, cpu or cuda")
     if d.type == "cuda":
         if not torch.cuda.is_available():
             raise ValueError(f"device {device!r} asked for, but CUDA is not available here")
         if d.index is None:
             d = torch.device(f"cuda:{local_rank}")
     return d
+
+
+def device_memory(device: torch.device) -> int:
+    """Bytes of memory ``device`` has in all: the GPU's for CUDA, physical RAM otherwise."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def check_fits(nbytes: float, device: torch.device, what: str, advice: str) -> None:
+    """Refuse, before allocating, work that needs more than all of ``device``'s memory (naming what needs how
+    much, the device's total and what to do instead)."""
+    total = device_memory(device)
+    if nbytes > total:
+        raise ValueError(f"{what} needs ~{nbytes / 2 ** 30:.3g} GiB, more than all {total / 2 ** 30:.3g} GiB of "
+                         f"{device} memory; {advice}")
 
 
 @dataclass

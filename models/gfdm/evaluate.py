@@ -25,8 +25,9 @@ def data_vendi_score(data: ImageDataset, n: int, seed: int = 0) -> float:
 
 def evaluate_samples(samples: torch.Tensor, train: ImageDataset, test: ImageDataset, *, inception=None,
                      cache_dir=None, device="cpu", ref_max: int = 50000, log=print,
-                     fid_convention: str | None = None) -> dict:
-    """FID against the training data and VS_p of ``samples`` (n, C, H, W) in [−1, 1]."""
+                     fid_convention: str | None = None, progress: bool = False) -> dict:
+    """FID against the training data and VS_p of ``samples`` (n, C, H, W) in [−1, 1]; ``progress``: progress bars
+    of the feature extraction (minutes with Inception weights on a CPU)."""
     if tuple(samples.shape[1:]) != train.shape:
         raise ValueError(f"samples have shape {tuple(samples.shape[1:])}, {train.name} images {train.shape}")
     finite = torch.isfinite(samples.reshape(samples.shape[0], -1)).all(1)
@@ -36,9 +37,9 @@ def evaluate_samples(samples: torch.Tensor, train: ImageDataset, test: ImageData
     samples = quantize(samples)        # metrics see the 8-bit pixels a PNG of the samples holds
     extractor = feature_extractor(train, test, inception=inception, device=device, cache_dir=cache_dir,
                                   log=log, convention=fid_convention)
-    ref = reference_stats(extractor, train, cache_dir=cache_dir, max_images=ref_max)
+    ref = reference_stats(extractor, train, cache_dir=cache_dir, max_images=ref_max, progress=progress)
     samples_f = samples.float() / 127.5 - 1
-    value, spread = fid(extractor, samples_f, ref, bootstrap=10)
+    value, spread = fid(extractor, samples_f, ref, bootstrap=10, progress=progress)
     return {"fid": value, "fid_bootstrap_std": spread, "fid_kind": "inception" if extractor.comparable_to_published
             else "offline", "fid_label": extractor.label, "comparable_to_published": extractor.comparable_to_published,
             "vs_p": pixel_vendi_score(samples), "vs_p_data": data_vendi_score(train, samples.shape[0]),

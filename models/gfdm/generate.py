@@ -16,6 +16,7 @@ import models.gfdm as core  # the GFDM core (dynamics, loss, samplers); attribut
 from .data import derive_seed
 from .distributed import Context
 from .metrics import quantize
+from .runfiles import atomic_write
 from .unet import AutocastNet
 
 __all__ = ["derive_seed", "generate", "save_grid", "grid_image", "class_labels"]
@@ -79,10 +80,17 @@ def grid_image(images: torch.Tensor, nrow: int | None = None, scale: int | None 
     return arr[:, :, 0] if c == 1 else arr
 
 
-def save_grid(images: torch.Tensor, path, nrow: int | None = None) -> Path:
-    from PIL import Image
+def save_grid(images: torch.Tensor, path, nrow: int | None = None, title: str | None = None,
+              scale: int | None = None) -> Path:
+    """A PNG mosaic of ``images`` (written atomically), with ``title`` on a white band above it if given."""
+    from PIL import Image, ImageDraw
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(grid_image(images, nrow)).save(path)
-    return path
+    grid = Image.fromarray(grid_image(images, nrow, scale))
+    if title:
+        band = 16
+        titled = Image.new(grid.mode, (max(grid.width, 6 * len(title) + 8), grid.height + band), 255 if
+                           grid.mode == "L" else (255, 255, 255))
+        titled.paste(grid, (0, band))
+        ImageDraw.Draw(titled).text((4, 2), title, fill=0 if grid.mode == "L" else (0, 0, 0))
+        grid = titled
+    return atomic_write(path, lambda f: grid.save(f, format="PNG"))

@@ -8,12 +8,15 @@ Hence a resumed run repeats the uninterrupted one exactly on CPU, and 2 processe
 
 :func:`train` reads as its four parts: :func:`_setup` (data, network, dynamics, optimiser),
 :func:`_resume` (check a checkpoint, then apply it), :func:`_train_step` (one optimiser step) and the
-log-and-save part of the loop (:func:`_log`, :func:`_write_grid`, :func:`_checkpoint_state`); :func:`_stop_on_signals` turns SIGTERM /
-SIGINT into a checkpoint and a clean stop.
+log-and-save part of the loop (:func:`_log`, :func:`_write_grid`, :func:`_checkpoint_state`); :func:`_stop_on_signals`
+turns SIGTERM / SIGINT into a checkpoint and a clean stop. The run folder is locked for the whole run
+(:func:`models.gfdm.runfiles.run_lock`), every file in it is written atomically, and a run whose loss or weights
+become non-finite stops with :class:`TrainingDiverged` before it writes anything non-finite.
 """
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import time
@@ -29,17 +32,22 @@ import models.gfdm as core  # the GFDM core (dynamics, loss, samplers); attribut
 from . import distributed
 from .checkpoint import (CheckpointError, check_output_path, check_state_dict, load_checkpoint, rng_state,
                          save_checkpoint, set_rng_state)
-from .config import IDENTITY_KEYS, TrainConfig
+from .config import IDENTITY_KEYS, NETWORK_KEYS, TrainConfig, normalize_keys
+from .runfiles import check_unlocked, run_lock, sweep_temporaries, write_text
 from .data import BatchStream, ImageDataset, load_dataset
 from .ema import EMA
 from .generate import class_labels, derive_seed, generate, save_grid
 from .loss import check_t_eps
-from .spec import DynamicsSpec
+from .spec import DynamicsSpec, RunSpec
 from .precondition import make_eps_model
 from .time_sampling import TimeSampler
 from .unet import AutocastNet, UNet, UNetConfig, unet_config
 
-__all__ = ["TrainConfig", "train", "make_unet_config"]
+__all__ = ["TrainConfig", "train", "make_unet_config", "TrainingDiverged"]
+
+
+class TrainingDiverged(ValueError):
+    """The loss or the parameters became NaN or infinite; the last finite checkpoint is kept."""
 
 
 def _resolve_amp(amp: str, device: torch.device) -> bool:
@@ -84,6 +92,9 @@ class _Run:
     train_time: float = 0.0       # training seconds and steps, summed over resumed segments
     steps_timed: int = 0
     last_loss: float = float("nan")
+    first_bad: torch.Tensor | None = None   # on the device: the first step whose loss was non-finite (0: none)
+    bad_loss: torch.Tensor | None = None    # ... and that loss
+    saved_step: int | None = None           # step of the last checkpoint written (or resumed from)
 
     @property
     def ckpt_path(self) -> Path:
@@ -107,6 +118,7 @@ def _setup(cfg: TrainConfig) -> _Run:
     if cfg.hflip is not None:
         data.hflip = cfg.hflip
     ucfg = make_unet_config(cfg, data)
+    _check_memory(cfg, ucfg, data.shape, ctx.device)
     fingerprint = data.fingerprint()
     data = data.to(ctx.device)             # uint8 images live on the device; batches are scaled there
     torch.manual_seed(cfg.seed)
@@ -115,11 +127,30 @@ def _setup(cfg: TrainConfig) -> _Run:
     check_t_eps(cfg.t_eps, dyn.horizon)
     spec = DynamicsSpec.from_dynamics(dyn)
     time_sampler = TimeSampler(dyn, cfg.time_sampling, cfg.t_eps, torch.float32)   # a bad λ range fails here
+    defaults = TrainConfig.defaults()
+    recipe = {k: getattr(cfg, k) for k in ("time_sampling", "precondition", "sigma_data")
+              if getattr(cfg, k) != defaults[k]}
     return _Run(cfg=cfg, ctx=ctx, use_amp=use_amp, shards=shards, out=Path(cfg.out), data=data,
                 fingerprint=fingerprint, unet_config=ucfg, model=model, dyn=dyn, dynamics=spec.to_dict(),
-                label=spec.label, opt=torch.optim.Adam(model.parameters(), lr=cfg.lr),
+                label=RunSpec(spec, recipe).label, opt=torch.optim.Adam(model.parameters(), lr=cfg.lr),
                 ema=EMA(model, cfg.ema_halflife_kimg * 1000, cfg.ema_rampup),
                 stream=BatchStream(len(data), cfg.batch_size, cfg.seed), time_sampler=time_sampler)
+
+
+def _check_memory(cfg: TrainConfig, ucfg: UNetConfig, shape, device: torch.device) -> None:
+    """Refuse a network or a training sample grid that cannot fit in the device's memory, before allocating:
+    the network is built on the 'meta' device (shapes only) to count its parameters."""
+    with torch.device("meta"):
+        params = sum(p.numel() for p in UNet(ucfg).parameters())
+    # float32 weights, EMA copy, gradients and Adam's two moments
+    distributed.check_fits(params * 4 * 5, device, f"the U-Net of --channels {ucfg.model_channels} "
+                           f"({params / 1e6:.4g}M parameters, with its EMA copy, gradients and Adam state)",
+                           "use a smaller --channels or --preset")
+    pixels = math.prod(shape)
+    # the grid sampler holds x and K OU states per image, a few work arrays of each, and the float images
+    distributed.check_fits(cfg.sample_num * pixels * 4 * (cfg.num_processes + 2) * 4, device,
+                           f"a training sample grid of --sample-num {cfg.sample_num} images",
+                           "use a smaller --sample-num (64 fill a grid)")
 
 
 # ----------------------------------------------------------------------------------------------- resume
@@ -132,6 +163,10 @@ def _resume_path(cfg: TrainConfig) -> Path | None:
         if ckpt_path.exists() and not cfg.overwrite:
             raise FileExistsError(f"{ckpt_path} exists; pass --resume to continue that run or --overwrite "
                                   f"to start over in {out}")
+        own = [str(out / name) for name in ("config.json", "metrics.jsonl", "samples") if (out / name).exists()]
+        if own and not ckpt_path.exists() and not cfg.overwrite:
+            raise FileExistsError(f"{out} holds {', '.join(own)} but no checkpoint (not a run this command can "
+                                  f"continue); pass --overwrite to replace them or choose another --out")
         return None
     path = ckpt_path if cfg.resume == "auto" else Path(cfg.resume)
     if not path.is_file():
@@ -164,6 +199,7 @@ def _check_resume(state: dict, run: _Run, path) -> None:
     if diffs:
         raise CheckpointError(f"{path} does not match this run; nothing was changed. Differences: "
                               + "; ".join(diffs))
+    _check_config_file(run.out / "config.json", saved, path)
     check_state_dict(run.model, state["model"], "model", path)
     check_state_dict(run.model, state["ema"], "EMA", path)
     if int(state["step"]) > cfg.steps:
@@ -174,6 +210,31 @@ def _check_resume(state: dict, run: _Run, path) -> None:
         BatchStream(len(run.data), cfg.batch_size, cfg.seed).load_state_dict(state["data_stream"])
     except (ValueError, KeyError, RuntimeError, TypeError) as e:
         raise CheckpointError(f"{path}: optimizer or data-order state does not fit: {e}") from None
+
+
+def _check_config_file(config_path: Path, saved: dict, ckpt_path) -> None:
+    """The checkpoint is the source of truth of a run's settings; its folder's config.json is a copy for people.
+    A copy that disagrees with it on what defines the run (an edited file, or a checkpoint swapped in from
+    another run) is refused, naming the keys, instead of being silently overwritten."""
+    if not config_path.is_file():
+        return
+    try:
+        copy = normalize_keys({k: v for k, v in json.loads(config_path.read_text()).items()})
+    except (ValueError, AttributeError) as e:
+        raise CheckpointError(f"{config_path} cannot be read ({e}); the checkpoint {ckpt_path} holds the run's "
+                              f"settings: delete or restore config.json to resume") from None
+    defaults = TrainConfig.defaults()
+    keys = [k for k in (*IDENTITY_KEYS, *NETWORK_KEYS) if k in copy and k in defaults]
+    differ = [f"{k}: config.json {copy[k]!r}, checkpoint {saved.get(k, defaults[k])!r}" for k in keys
+              if _plain(copy[k]) != _plain(saved.get(k, defaults[k]))]
+    if differ:
+        raise CheckpointError(f"{config_path} disagrees with {ckpt_path} ({'; '.join(differ)}); the checkpoint is the "
+                              f"source of truth of a run's settings: restore config.json (or delete it: it is "
+                              f"rewritten at the next checkpoint), or resume from the right checkpoint")
+
+
+def _plain(value):
+    return list(value) if isinstance(value, tuple) else value
 
 
 def _resume(run: _Run, path: Path, log) -> None:
@@ -190,6 +251,7 @@ def _resume(run: _Run, path: Path, log) -> None:
     run.train_time = float(stats.get("train_time_s", 0.0))
     run.steps_timed = int(stats.get("steps_timed", 0))
     run.last_loss = float(stats.get("loss", float("nan")))
+    run.saved_step = run.step
     log(f"resumed from {path} at step {run.step}")
     saved_shards = state.get("shards")
     if saved_shards is not None and saved_shards != run.shards:
@@ -208,9 +270,7 @@ def _truncate_jsonl(path: Path, step: int) -> None:
                 keep.append(line)
         except json.JSONDecodeError:
             pass
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text("".join(x + "\n" for x in keep))
-    os.replace(tmp, path)
+    write_text(path, "".join(x + "\n" for x in keep))
 
 
 #: what gfdm writes into a run folder besides checkpoint.pt and config.json (relative glob patterns); a new run
@@ -231,11 +291,8 @@ def _remove_previous_artefacts(out: Path) -> None:
 
 def _write_config(run: _Run) -> None:
     """config.json beside the checkpoint; written after each checkpoint (atomically), so the two always match."""
-    path = run.out / "config.json"
-    tmp = path.with_name(".config.json.tmp")
-    tmp.write_text(json.dumps({**run.cfg.to_dict(), "unet": run.unet_config.to_dict(),
-                               "world_size": run.ctx.world_size}, indent=2))
-    os.replace(tmp, path)
+    write_text(run.out / "config.json", json.dumps({**run.cfg.to_dict(), "unet": run.unet_config.to_dict(),
+                                                   "world_size": run.ctx.world_size}, indent=2))
 
 
 def _prepare_output(run: _Run, resumed: bool, log) -> Path:
@@ -276,6 +333,7 @@ def _train_step(run: _Run, net: nn.Module, eps_model, loss_sum: torch.Tensor) ->
                                             check_finite=False)       # 8-bit images: finite, no host sync
             (loss / cfg.grad_accum).backward()
         loss_sum += loss.detach()
+        _note_non_finite(run, loss.detach())
     if cfg.grad_clip > 0:
         nn.utils.clip_grad_norm_(run.model.parameters(), cfg.grad_clip)
     lr = cfg.lr * min(1.0, (run.step + 1) / cfg.lr_warmup) if cfg.lr_warmup else cfg.lr
@@ -285,6 +343,33 @@ def _train_step(run: _Run, net: nn.Module, eps_model, loss_sum: torch.Tensor) ->
     run.step += 1
     run.ema.update(run.model, cfg.batch_size, run.step * cfg.batch_size)
     return lr
+
+
+def _note_non_finite(run: _Run, loss: torch.Tensor) -> None:
+    """Remember (on the device, no host sync) the first step whose loss is NaN or infinite, and that loss."""
+    if run.first_bad is None:
+        run.first_bad = torch.zeros((), dtype=torch.int64, device=loss.device)
+        run.bad_loss = torch.zeros((), dtype=loss.dtype, device=loss.device)
+    new = (run.first_bad == 0) & ~torch.isfinite(loss)
+    run.first_bad = torch.where(new, run.step + 1, run.first_bad)
+    run.bad_loss = torch.where(new, loss, run.bad_loss)
+
+
+def _check_finite(run: _Run) -> None:
+    """Stop with :class:`TrainingDiverged` if a loss since the start, or a weight now, is non-finite (two host
+    syncs: called at log steps and before anything is written, never per step)."""
+    first_bad = int(run.first_bad) if run.first_bad is not None else 0
+    weights_ok = bool(torch.stack([torch.isfinite(p).all() for p in run.model.parameters()]).all())
+    if not run.ctx.any(first_bad > 0 or not weights_ok):
+        return
+    cfg = run.cfg
+    what = (f"loss {float(run.bad_loss)} at step {first_bad}" if first_bad else
+            f"the weights became non-finite by step {run.step} (last logged loss {run.last_loss:.4g})")
+    kept = (f"the last finite checkpoint (step {run.saved_step}) is kept in {run.ckpt_path}"
+            if run.saved_step is not None else "no checkpoint was written")
+    raise TrainingDiverged(f"training diverged: {what}; {kept}, nothing non-finite was written. Try a smaller --lr "
+                           f"(now {cfg.lr:g}), --grad-clip 1 (now {cfg.grad_clip:g}) or a longer --lr-warmup "
+                           f"(now {cfg.lr_warmup})")
 
 
 # -------------------------------------------------------------------------------------- log and save
@@ -314,11 +399,19 @@ def _log(run: _Run, metrics_file, loss_mean: torch.Tensor, lr: float, elapsed: f
     """End of a log interval: the mean loss comes to the host (one sync per interval) and, on rank 0
     (``metrics_file`` is None on the others), a metrics line is written."""
     run.last_loss = float(loss_mean)
+    _check_finite(run)
     if metrics_file:
-        metrics_file.write(json.dumps({"step": run.step, "nimg": run.step * run.cfg.batch_size,
-                                       "loss": run.last_loss, "lr": lr, "img_per_s": run.images_per_s,
-                                       "time_s": elapsed}) + "\n")
+        _append(metrics_file, {"step": run.step, "nimg": run.step * run.cfg.batch_size, "loss": run.last_loss,
+                               "lr": lr, "img_per_s": run.images_per_s, "time_s": elapsed})
+
+
+def _append(metrics_file, record: dict) -> None:
+    """One line of metrics.jsonl, flushed; a failed write names the file (a cut line is dropped on --resume)."""
+    try:
+        metrics_file.write(json.dumps(record) + "\n")
         metrics_file.flush()
+    except OSError as e:
+        raise OSError(e.errno, e.strerror, metrics_file.name) from None
 
 
 @contextmanager
@@ -352,14 +445,24 @@ class _StopFlag:
 # ------------------------------------------------------------------------------------------------ train
 def train(cfg: TrainConfig, log=print) -> dict:
     """Train per ``cfg``; returns a summary dict (final step, checkpoint path, loss, images/s, time) with the
-    trained network and its EMA copy under ``"model"`` and ``"ema"``."""
-    from tqdm.auto import tqdm
-
+    trained network and its EMA copy under ``"model"`` and ``"ema"``. Raises :class:`TrainingDiverged` at the
+    first non-finite loss or weight (keeping the last finite checkpoint)."""
+    check_unlocked(cfg.out)                  # another process's run: say so before anything else
     resume_path = _resume_path(cfg)
     run = _setup(cfg)
-    ctx = run.ctx
     if resume_path is not None:
         _resume(run, resume_path, log)
+    with run_lock(run.out, "train", log=log):
+        sweep_temporaries(run.out, ("checkpoint.pt", "config.json", "metrics.jsonl"))
+        sweep_temporaries(run.out / "samples", ("grid-*.png",))
+        return _train(run, resume_path, log)
+
+
+def _train(run: _Run, resume_path: Path | None, log) -> dict:
+    """The training loop of :func:`train`, in its locked run folder."""
+    from tqdm.auto import tqdm
+
+    cfg, ctx = run.cfg, run.ctx
     net = run.model
     if ctx.distributed:
         net = nn.parallel.DistributedDataParallel(run.model, device_ids=[ctx.device.index]
@@ -393,12 +496,16 @@ def train(cfg: TrainConfig, log=print) -> dict:
                     over = cfg.time_limit is not None and time.perf_counter() - t_start > 60 * cfg.time_limit
                     if ctx.any(stop.raised is not None or over):
                         stopped = stop.raised or "time limit"
-                if ctx.is_main and (step % cfg.sample_every == 0 or step == cfg.steps):
-                    metrics_file.write(json.dumps({"step": step, "grid": str(_write_grid(run))}) + "\n")
-                    metrics_file.flush()
-                if ctx.is_main and (step % cfg.ckpt_every == 0 or step == cfg.steps or stopped):
+                grid_now = step % cfg.sample_every == 0 or step == cfg.steps
+                save_now = step % cfg.ckpt_every == 0 or step == cfg.steps or stopped
+                if grid_now or save_now:
+                    _check_finite(run)              # on every rank: nothing non-finite is sampled or saved
+                if ctx.is_main and grid_now:
+                    _append(metrics_file, {"step": step, "grid": str(_write_grid(run))})
+                if ctx.is_main and save_now:
                     save_checkpoint(_checkpoint_state(run), run.ckpt_path)
                     _write_config(run)
+                    run.saved_step = step
                 if stopped:
                     break
     finally:

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..runfiles import atomic_write
 from .common import default_cache_dir
 from .inception import InceptionFeatures
 from .offline import OfflineFeatures
@@ -39,6 +40,26 @@ class FeatureStats:
         return self._sqrt
 
     @classmethod
+    def from_batches(cls, batches) -> "FeatureStats":
+        """From feature batches (each (m, d)), accumulated so that only the sums are held: the covariance of all
+        rows (ddof 1, as :meth:`from_features`), computed about the first batch's mean against cancellation."""
+        shift = total = outer = None
+        n = 0
+        for feats in batches:
+            feats = np.asarray(feats, dtype=np.float64)
+            if shift is None:
+                shift = feats.mean(0)
+                total, outer = np.zeros_like(shift), np.zeros((shift.size, shift.size))
+            centred = feats - shift
+            total += centred.sum(0)
+            outer += centred.T @ centred
+            n += feats.shape[0]
+        if n < 2:
+            raise ValueError("FID needs at least two images")
+        mean = total / n
+        return cls(shift + mean, (outer - n * np.outer(mean, mean)) / (n - 1), n)
+
+    @classmethod
     def from_features(cls, feats: np.ndarray) -> "FeatureStats":
         feats = np.asarray(feats, dtype=np.float64)
         if feats.shape[0] < 2:
@@ -46,11 +67,7 @@ class FeatureStats:
         return cls(feats.mean(0), np.cov(feats, rowvar=False), feats.shape[0])
 
     def save(self, path) -> None:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp.npz")
-        np.savez(tmp, mu=self.mu, sigma=self.sigma, n=self.n)
-        os.replace(tmp, path)
+        atomic_write(path, lambda f: np.savez(f, mu=self.mu, sigma=self.sigma, n=self.n))
 
     @classmethod
     def load(cls, path) -> "FeatureStats":
@@ -92,8 +109,11 @@ def check_feature_args(inception: str | None = None, convention: str | None = No
                          f"(fid-helper or a weights file) or leave the convention out")
 
 
-def reference_stats(extractor, dataset, cache_dir=None, max_images: int = 50000) -> FeatureStats:
-    """Feature statistics of (at most ``max_images`` of) the training data, cached by extractor+data."""
+def reference_stats(extractor, dataset, cache_dir=None, max_images: int = 50000, progress: bool = False,
+                    chunk: int = 2000) -> FeatureStats:
+    """Feature statistics of (at most ``max_images`` of) the training data, cached by extractor+data. The images
+    go through the extractor ``chunk`` at a time and only running sums are kept, so memory stays flat in their
+    number; ``progress``: a progress bar per chunk."""
     cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
     n = min(len(dataset), max_images)
     path = cache_dir / f"stats-{extractor.id}-{dataset.name}-{dataset.fingerprint()}-{n}.npz"
@@ -102,15 +122,26 @@ def reference_stats(extractor, dataset, cache_dir=None, max_images: int = 50000)
             return FeatureStats.load(path)
         except Exception:  # noqa: BLE001 - rebuild a damaged cache entry
             pass
-    stats = FeatureStats.from_features(extractor(dataset.all_float(n)))
+    desc = f"FID features of the reference ({n} {dataset.name} images)" if progress else None
+    from tqdm.auto import tqdm
+
+    with tqdm(total=n, desc=desc, unit="img", dynamic_ncols=True, disable=desc is None) as bar:
+        def batches():
+            for start in range(0, n, chunk):
+                images = dataset.to_float(dataset.images[start:min(start + chunk, n)])
+                yield extractor(images)
+                bar.update(images.shape[0])
+        stats = FeatureStats.from_batches(batches())
     stats.save(path)
     return stats
 
 
-def fid(extractor, samples: torch.Tensor, ref: FeatureStats, bootstrap: int = 0, seed: int = 0):
+def fid(extractor, samples: torch.Tensor, ref: FeatureStats, bootstrap: int = 0, seed: int = 0,
+        progress: bool = False):
     """FID of ``samples`` against ``ref``; with ``bootstrap`` > 0 also the standard deviation of the FID over
-    that many resamplings (with replacement) of the samples' features — a gauge of its sampling noise."""
-    feats = extractor(samples)
+    that many resamplings (with replacement) of the samples' features — a gauge of its sampling noise.
+    ``progress``: a progress bar of the feature extraction."""
+    feats = extractor(samples, progress=f"FID features of {samples.shape[0]} samples" if progress else None)
     # the reference first: its Σ^{1/2} is computed once for the value and every resampling (one 2048×2048
     # eigh per distance instead of two for Inception features)
     value = frechet_distance(ref, FeatureStats.from_features(feats))

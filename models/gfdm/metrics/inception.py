@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .common import quantize
+from .common import feature_batches
 
 __all__ = ["InceptionV3", "InceptionFeatures", "CONVENTIONS", "FID_HELPER", "fid_helper_weights", "from_nvidia_layout",
            "resize_tf1"]
@@ -397,9 +397,11 @@ class InceptionFeatures:
         return (x - 128) / 128
 
     @torch.no_grad()
-    def __call__(self, images: torch.Tensor, batch_size: int = 200) -> np.ndarray:
+    def __call__(self, images: torch.Tensor, batch_size: int = 32, progress: str | None = None) -> np.ndarray:
+        """Features (n, 2048) of images in [−1, 1] (or uint8). Batches of 32 keep the peak near 1 GB on the CPU
+        (200 took 3.2 GB for the same speed: the 299×299 activations dominate)."""
         out = []
-        for chunk in quantize(images).split(batch_size):
+        for chunk in feature_batches(images, batch_size, progress):
             x = chunk.to(self.device)
             if x.shape[1] == 1:
                 x = x.expand(-1, 3, -1, -1)

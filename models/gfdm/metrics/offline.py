@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..checkpoint import atomic_save
-from .common import default_cache_dir, quantize
+from .common import default_cache_dir, feature_batches
 
 __all__ = ["OfflineFeatureNet", "OfflineFeatures"]
 
@@ -102,9 +102,9 @@ class OfflineFeatures:
                       f"{100 * self.accuracy:.1f}%; NOT comparable to published FID)")
 
     @torch.no_grad()
-    def __call__(self, images: torch.Tensor, batch_size: int = 1000) -> np.ndarray:
+    def __call__(self, images: torch.Tensor, batch_size: int = 1000, progress: str | None = None) -> np.ndarray:
         out = []
-        for chunk in quantize(images).split(batch_size):
+        for chunk in feature_batches(images, batch_size, progress):
             x = chunk.to(self.device).float() / 127.5 - 1.0
             out.append(self.net.body(x).double().cpu())
         return torch.cat(out).numpy()
