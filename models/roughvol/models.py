@@ -1,0 +1,442 @@
+"""Rough Bergomi and rough Heston: parameters, smiles by Monte Carlo (Markov, exact) and by Fourier.
+
+Conventions (S₀ = 1, zero rates, k = log-strike; ../shared/REFERENCE.md §7):
+
+- rough Bergomi: V_t = ξ exp(η Y_t − ½η² Var Y_t), Y_t = √(2H) ∫₀ᵗ (t−s)^{H−½} dW_s, d log S = −½V dt + √V dB,
+  d⟨W, B⟩ = ρ dt. Under the Markov approximation Y = √(2H) Γ(H+½) B̂ with B̂ the type II MA-fBM, and Var Y is the
+  approximation's own variance, so E V_t = ξ holds exactly for every rule.
+- rough Heston: V_t = V₀ + ∫₀ᵗ K(t−s)(θ − λV_s) ds + ∫₀ᵗ K(t−s) ν √V_s dW_s, K(t) = t^{H−½}/Γ(H+½),
+  dS = S √V dB, d⟨W, B⟩ = ρ dt (H = ½: Heston with κ = λ, long-run variance θ/λ, vol-of-vol ν).
+
+``method="markov"`` uses only fracsde's public noise layer: the rate rule :func:`fracsde.markov_rates`, the exact
+factor sampler :meth:`fracsde.MarkovNoise.sample` (rough Bergomi) and the lifted Volterra solver
+:func:`fracsde.volterra_sdeint` (rough Heston, whose square-root diffusion is written ν√max(V, 0): the exponential
+scheme can step below zero, where the truncated coefficients hold V's drift θ − λV > 0 and no noise).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+from fracsde import MarkovNoise, optimal_weights
+
+from . import fourier as F
+from .exact import joint_factor
+from .implied import implied_vol
+from .montecarlo import PriceAccumulator, chunk_sizes, default_chunk, log_spot_at, maturity_indices, otm_to_call
+
+__all__ = ["RoughBergomi", "RoughHeston", "Smile", "MARKOV_DEFAULTS"]
+
+#: defaults of ``method="markov"`` (rule, K, steps per unit of the longest maturity, at least MIN_STEPS)
+MARKOV_DEFAULTS = {"rates": "optimal", "num_processes": 8, "steps": 256}
+
+
+@dataclass
+class Smile:
+    """An implied-volatility smile at one maturity (tensors over strikes, float64).
+
+    Attributes:
+        log_strikes: (S,) k = log K.
+        maturity: T in years.
+        implied_vol: (S,) Black–Scholes implied vols (NaN where the price has none).
+        std_error: (S,) Monte Carlo standard error of the implied vol (delta method: price error / vega); 0 for
+            the Fourier and closed-form methods.
+        price: (S,) call prices E(S_T − e^k)⁺.
+        price_std_error: (S,) standard error of the prices.
+        method: the pricing method; info: method details (paths, steps, rule, variance-reduction factors, time).
+    """
+
+    log_strikes: torch.Tensor
+    maturity: float
+    implied_vol: torch.Tensor
+    std_error: torch.Tensor
+    price: torch.Tensor
+    price_std_error: torch.Tensor
+    method: str
+    info: dict = field(default_factory=dict)
+
+
+def _check_range(value, name: str, lo: float, hi: float, lo_open: bool = True, hi_open: bool = True):
+    """A number or 0-d tensor inside (lo, hi) (brackets per flags); returns it (a tensor keeps its graph)."""
+    if isinstance(value, torch.Tensor):
+        if value.numel() != 1 or not value.is_floating_point():
+            raise TypeError(f"{name} must be a real number or a 0-d floating tensor; got shape {tuple(value.shape)}, "
+                            f"dtype {value.dtype}")
+        v = float(value.detach())
+    else:
+        try:
+            v = float(value)
+        except (TypeError, ValueError):
+            raise TypeError(f"{name} must be a real number; got {type(value).__name__}") from None
+    ok = (v > lo if lo_open else v >= lo) and (v < hi if hi_open else v <= hi)
+    if not ok or math.isnan(v):
+        left, right = ("(" if lo_open else "["), (")" if hi_open else "]")
+        raise ValueError(f"{name} must lie in {left}{lo:g}, {hi:g}{right}; got {v!r}")
+    return value.to(torch.float64).reshape(()) if isinstance(value, torch.Tensor) else v
+
+
+def _as_log_strikes(log_strikes) -> torch.Tensor:
+    k = torch.as_tensor(log_strikes, dtype=torch.float64).detach().reshape(-1)
+    if k.numel() == 0 or not bool(torch.isfinite(k).all()):
+        raise ValueError(f"log_strikes must be a non-empty 1-D array of finite numbers; got {k.tolist()[:8]}")
+    return k
+
+
+def _as_maturity(maturity) -> float:
+    return _check_range(float(maturity) if not isinstance(maturity, torch.Tensor) else float(maturity), "maturity",
+                        0.0, math.inf)
+
+
+def _check_count(value, name: str, minimum: int = 1) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}; got {value!r}")
+    return value
+
+
+class _ProjectedNoise(MarkovNoise):
+    """Type II Markov noise with fixed rates whose weights are the L²(0, T) kernel projection at ``hurst``
+    (recomputed on access, so a tensor ``hurst`` gives weights differentiable in H)."""
+
+    def __init__(self, rates, hurst, horizon: float):
+        super().__init__(rates, None, kind="type2", horizon=horizon)
+        self.hurst = hurst
+
+    @property
+    def weights(self) -> torch.Tensor:
+        from fracsde.rules import kernel_projection
+        return kernel_projection(self.hurst, self.gammas, self.horizon)
+
+
+class _RoughModel:
+    """Shared parameter handling and the Monte Carlo driver of both models."""
+
+    _names: tuple = ()
+
+    def parameters_dict(self) -> dict:
+        """The model's parameters by name (floats, or tensors as given)."""
+        return {n: getattr(self, n) for n in self._names}
+
+    def replace(self, **changes):
+        """A new model of the same class with some parameters changed."""
+        params = self.parameters_dict()
+        params.update(changes)
+        return type(self)(**params)
+
+    def __repr__(self) -> str:
+        inner = ", ".join(f"{n}={float(getattr(self, n)):.6g}" for n in self._names)
+        return f"{type(self).__name__}({inner})"
+
+    # -- Markov rule --------------------------------------------------------------------------------------------
+    def _noise(self, num_processes: int, rates, horizon: float) -> MarkovNoise:
+        """The Markov noise for H on [0, horizon]: the rule's rates (at float(H)), weights ω(H) by projection."""
+        from fracsde import markov_rates
+        if isinstance(rates, str):
+            g = markov_rates(float(self.hurst), num_processes, rates=rates, horizon=horizon).rates
+        else:
+            g = torch.as_tensor(rates, dtype=torch.float64)
+        if isinstance(rates, str) and rates == "geometric":
+            # the geometric rule's weights minimise the time-integrated error; keep that objective
+            h = self.hurst
+
+            class _Geometric(MarkovNoise):
+                @property
+                def weights(self_):
+                    return optimal_weights(h, self_.gammas, "type2", self_.horizon).weights
+
+            return _Geometric(g, None, kind="type2", horizon=horizon)
+        return _ProjectedNoise(g, self.hurst, horizon)
+
+    # -- Monte Carlo driver -------------------------------------------------------------------------------------
+    def _mc_prices(self, log_strikes, maturities, method, paths, steps, generator, antithetic, control_variate,
+                   chunk, progress, markov):
+        """OTM prices (M, S) and their standard errors at maturities (M,); ``log_strikes`` (S,) or (M, S)."""
+        maturities = torch.as_tensor(maturities, dtype=torch.float64).reshape(-1)
+        idx, h = maturity_indices(maturities, steps)
+        k = log_strikes if log_strikes.dim() == 2 else log_strikes.expand(maturities.numel(), -1)
+        acc = PriceAccumulator(k, antithetic, control_variate)
+        T = float(maturities.max())
+        ts = torch.linspace(0.0, T, steps + 1, dtype=torch.float64)
+        sampler = self._path_sampler(method, ts, markov)
+        n_draw = paths // 2 if antithetic else paths
+        width = (markov.get("num_processes", 8) + 3) if method == "markov" else 2 * steps
+        per_chunk = chunk or default_chunk(steps, width)
+        sizes = chunk_sizes(n_draw, per_chunk)
+        bar = None
+        if progress:
+            from tqdm import tqdm
+            bar = tqdm(total=paths, desc=f"{type(self).__name__} {method}", unit="path", leave=False)
+        for n in sizes:
+            v_left, dw, mirror_w = sampler(n, generator)
+            dw_perp = torch.randn(n, steps, generator=generator, dtype=torch.float64) * math.sqrt(h)
+            log_s = log_spot_at(v_left, dw, dw_perp, self.rho, h, idx)            # (M, n)
+            if antithetic:
+                v_m, dw_m = mirror_w(v_left, dw)
+                log_m = log_spot_at(v_m, dw_m, -dw_perp, self.rho, h, idx)
+                log_s = torch.stack([log_s, log_m], dim=1)                       # (M, 2, n)
+            acc.add(log_s)
+            if bar is not None:
+                bar.update(2 * n if antithetic else n)
+        if bar is not None:
+            bar.close()
+        otm, se, info = acc.result()
+        info.update({"paths": (sum(sizes) * (2 if antithetic else 1)), "steps": steps, "antithetic": antithetic,
+                     "control_variate": control_variate})
+        return otm, se, info
+
+    def _prices_and_vols(self, k2, maturities, otm, se):
+        """(call price, price s.e., vol, vol s.e.) from OTM prices and errors (M, S)."""
+        T = maturities.reshape(-1, 1)
+        iv = implied_vol(otm, k2, T, option="otm")
+        from .implied import black_price
+        with torch.enable_grad():
+            s = iv.detach().nan_to_num(0.2).requires_grad_(True)
+            vega = torch.autograd.grad(black_price(k2, T, s, "otm").sum(), s)[0]
+        iv_se = torch.where(vega > 0, se.detach() / vega.clamp(min=1e-300), torch.full_like(vega, math.inf))
+        return otm_to_call(otm, k2), se, iv, iv_se
+
+    def _smile_mc(self, log_strikes, maturity, method, paths, steps, generator, antithetic, control_variate,
+                  chunk, progress, markov):
+        import time
+        k = _as_log_strikes(log_strikes)
+        T = _as_maturity(maturity)
+        paths = _check_count(paths, "paths", 2 if antithetic else 1)
+        steps = _check_count(steps, "steps")
+        t0 = time.perf_counter()
+        otm, se, info = self._mc_prices(k, torch.tensor([T], dtype=torch.float64), method, paths, steps, generator,
+                                        antithetic, control_variate, chunk, progress, markov)
+        price, pse, iv, ivse = self._prices_and_vols(k[None, :], torch.tensor([T], dtype=torch.float64), otm, se)
+        info["seconds"] = time.perf_counter() - t0
+        info["control_variance_ratio"] = info["control_variance_ratio"][0]
+        info.update(markov if method == "markov" else {})
+        return Smile(k, T, iv[0], ivse[0], price[0], pse[0], method, info)
+
+
+class RoughBergomi(_RoughModel):
+    """The rough Bergomi model (Bayer, Friz & Gatheral 2016) with S₀ = 1 and zero rates.
+
+    V_t = ξ exp(η Y_t − ½η² Var Y_t), Y_t = √(2H) ∫₀ᵗ (t−s)^{H−½} dW_s, d log S = −½V dt + √V dB, d⟨W, B⟩ = ρ dt.
+
+    Args:
+        hurst: H in (0, ½] (rough: about 0.05–0.15).
+        xi: flat forward variance ξ > 0 (e.g. 0.235² for a 23.5 % level).
+        eta: vol-of-vol η > 0.
+        rho: correlation ρ in [−1, 1].
+
+    Every parameter may be a 0-d float tensor with ``requires_grad``: Monte Carlo prices and vols are then
+    differentiable in it (pathwise, common random numbers).
+
+    Raises:
+        ValueError / TypeError: a parameter out of range, naming it, the range and the value.
+    """
+
+    _names = ("hurst", "xi", "eta", "rho")
+
+    def __init__(self, hurst=0.1, xi=0.04, eta=1.9, rho=-0.9):
+        self.hurst = _check_range(hurst, "hurst", 0.0, 0.5, hi_open=False)
+        self.xi = _check_range(xi, "xi", 0.0, math.inf)
+        self.eta = _check_range(eta, "eta", 0.0, math.inf)
+        self.rho = _check_range(rho, "rho", -1.0, 1.0, False, False)
+
+    def _scale(self):
+        """√(2H) Γ(H+½): Y = scale · (type II fBM)."""
+        H = torch.as_tensor(self.hurst, dtype=torch.float64)
+        return torch.sqrt(2 * H) * torch.exp(torch.lgamma(H + 0.5))
+
+    def _path_sampler(self, method, ts, markov):
+        xi, eta = self.xi, self.eta
+        if method == "exact":
+            L = joint_factor(float(self.hurst), ts[1:])
+            N = ts.numel() - 1
+            var_y = ts[:-1] ** (2 * torch.as_tensor(self.hurst, dtype=torch.float64))
+
+            def variance(y):
+                return xi * torch.exp(eta * y - 0.5 * eta * eta * var_y)
+
+            def sample(n, g):
+                z = torch.randn(n, 2 * N, generator=g, dtype=torch.float64)
+                yw = z @ L.T
+                y = torch.cat([yw.new_zeros(n, 1), yw[:, :N - 1]], dim=1)            # Y at the left points
+                w = torch.cat([yw.new_zeros(n, 1), yw[:, N:]], dim=1)
+                return variance(y), torch.diff(w, dim=1), lambda v, dw: (variance(-y), -dw)
+
+            return sample
+        noise = self._noise(markov["num_processes"], markov["rates"], float(ts[-1]))
+        omega = noise.weights                                                         # (K,), maybe with grad
+        scale = self._scale()
+        sigma_t = noise.ou_covariance(ts[:-1])                                        # (N, K, K): Cov of factors
+        var_y = scale ** 2 * torch.einsum("i,nij,j->n", omega, sigma_t, omega)       # the approximation's own
+
+        def variance(y):
+            return xi * torch.exp(eta * y - 0.5 * eta * eta * var_y)
+
+        def sample(n, g):
+            _, states, w = noise.sample(ts, n, generator=g, dtype=torch.float64, return_state=True,
+                                        return_brownian=True)
+            y = scale * (states[:, :-1, :] @ omega)                                   # (n, N) left points
+            return variance(y), torch.diff(w, dim=1), lambda v, dw: (variance(-y), -dw)
+
+        return sample
+
+    def smile(self, log_strikes, maturity: float, method: str = "markov", paths: int = 1 << 17,
+              steps: int | None = None, generator: torch.Generator | None = None, antithetic: bool = True,
+              control_variate: bool = True, num_processes: int | None = None, rates=None,
+              chunk: int | None = None, progress: bool = False) -> Smile:
+        """The implied-volatility smile at one maturity by Monte Carlo.
+
+        Args:
+            log_strikes: (S,) log-strikes k.
+            maturity: T > 0 in years.
+            method: ``"markov"`` (Markov approximation of Y, fracsde's exact factor sampler; cost O(N K²) per path)
+                or ``"exact"`` (Cholesky of the joint law of (Y, W) on the grid; O(N²) per path). Both use the same
+                spot scheme, so on the same grid they differ only by the approximation of Y.
+            paths: number of paths (pairs count twice with ``antithetic``).
+            steps: equal time steps on [0, T] (default: 256 for markov, 256 for exact).
+            generator: a ``torch.Generator`` (fixed seed = common random numbers).
+            antithetic: pair every path with its mirror (W, W⊥) → (−W, −W⊥).
+            control_variate: use S_T (E S_T = 1) as a control variate.
+            num_processes, rates: the Markov rule (defaults :data:`MARKOV_DEFAULTS`; ``rates`` a rule name of
+                :func:`fracsde.markov_rates` or explicit rates).
+            chunk: paths per batch (default: about 64 MB of work space; memory is bounded by it, not by paths).
+            progress: show a tqdm progress bar.
+
+        Returns:
+            :class:`Smile`.
+
+        Raises:
+            ValueError: unknown method, bad counts, maturity ≤ 0.
+        """
+        if method not in ("markov", "exact"):
+            raise ValueError(f"method must be 'markov' or 'exact' for RoughBergomi; got {method!r}")
+        steps = MARKOV_DEFAULTS["steps"] if steps is None else steps
+        markov = {"num_processes": num_processes or MARKOV_DEFAULTS["num_processes"],
+                  "rates": MARKOV_DEFAULTS["rates"] if rates is None else rates}
+        return self._smile_mc(log_strikes, maturity, method, paths, steps, generator, antithetic, control_variate,
+                              chunk, progress, markov)
+
+    def variance_paths(self, ts, paths: int, method: str = "markov", generator=None, num_processes=None, rates=None):
+        """(paths, len(ts) − 1) variances V at the left points of the uniform grid ``ts`` (ts[0] = 0), for checks."""
+        ts = torch.as_tensor(ts, dtype=torch.float64)
+        markov = {"num_processes": num_processes or MARKOV_DEFAULTS["num_processes"],
+                  "rates": MARKOV_DEFAULTS["rates"] if rates is None else rates}
+        return self._path_sampler(method, ts, markov)(paths, generator)[0]
+
+
+def _heston_variance(noise, theta, lam, nu):
+    """The rough Heston variance as a :class:`fracsde.VolterraSDE`: b = θ − λV, σ = ν √max(V, 0)."""
+    from fracsde import VolterraSDE
+
+    class HestonVariance(VolterraSDE):
+        def b(self, t, x):
+            return theta - lam * x
+
+        def sigma(self, t, x):
+            return nu * x.clamp(min=0.0).sqrt()
+
+    return HestonVariance(noise)
+
+
+class RoughHeston(_RoughModel):
+    """The rough Heston model (El Euch & Rosenbaum 2019) with S₀ = 1 and zero rates.
+
+    V_t = V₀ + ∫₀ᵗ K(t−s)(θ − λV_s) ds + ∫₀ᵗ K(t−s) ν √V_s dW_s, K(t) = t^{H−½}/Γ(H+½), dS = S √V dB,
+    d⟨W, B⟩ = ρ dt. At H = ½ it is Heston with κ = λ, long-run variance θ/λ and vol-of-vol ν.
+
+    Args:
+        hurst: H in (0, ½].
+        v0: initial variance V₀ > 0.
+        theta: drift level θ ≥ 0 (long-run variance θ/λ).
+        lam: mean reversion λ ≥ 0.
+        nu: vol-of-vol ν > 0.
+        rho: correlation ρ in [−1, 1].
+
+    Raises:
+        ValueError / TypeError: a parameter out of range, naming it, the range and the value.
+    """
+
+    _names = ("hurst", "v0", "theta", "lam", "nu", "rho")
+
+    def __init__(self, hurst=0.1, v0=0.02, theta=0.02, lam=0.3, nu=0.3, rho=-0.7):
+        self.hurst = _check_range(hurst, "hurst", 0.0, 0.5, hi_open=False)
+        self.v0 = _check_range(v0, "v0", 0.0, math.inf)
+        self.theta = _check_range(theta, "theta", 0.0, math.inf, lo_open=False)
+        self.lam = _check_range(lam, "lam", 0.0, math.inf, lo_open=False)
+        self.nu = _check_range(nu, "nu", 0.0, math.inf)
+        self.rho = _check_range(rho, "rho", -1.0, 1.0, False, False)
+
+    def _path_sampler(self, method, ts, markov):
+        if method != "markov":
+            raise ValueError(f"RoughHeston Monte Carlo supports method='markov' only; got {method!r}")
+        from fracsde import volterra_sdeint
+        noise = self._noise(markov["num_processes"], markov["rates"], float(ts[-1]))
+        sde = _heston_variance(noise, self.theta, self.lam, self.nu)
+        v0 = self.v0
+
+        def sample(n, g):
+            x0 = torch.as_tensor(v0, dtype=torch.float64).reshape(1, 1).expand(n, 1)
+            xs, w = volterra_sdeint(sde, x0, ts, generator=g, return_brownian=True)
+            v = xs[:-1, :, 0].T                                                      # (n, N) left points
+            dw = torch.diff(w[:, :, 0], dim=0).T
+            # the variance is not linear in W: the antithetic partner mirrors only W⊥
+            return v, dw, lambda v_, dw_: (v_, dw_)
+
+        return sample
+
+    def smile(self, log_strikes, maturity: float, method: str = "fourier", paths: int = 1 << 17,
+              steps: int | None = None, generator: torch.Generator | None = None, antithetic: bool = True,
+              control_variate: bool = True, num_processes: int | None = None, rates=None,
+              chunk: int | None = None, progress: bool = False, u_max: float | None = None,
+              panel_width: float = 8.0, richardson: bool = True) -> Smile:
+        """The implied-volatility smile at one maturity.
+
+        Args:
+            log_strikes: (S,) log-strikes k.
+            maturity: T > 0 in years.
+            method: ``"fourier"`` (fractional Riccati by the Adams scheme + Lewis' formula; ``steps`` defaults to 256,
+                Richardson-extrapolated with 512) or ``"markov"`` (Monte Carlo through
+                :func:`fracsde.volterra_sdeint`; ``steps`` defaults to 256).
+            paths, generator, antithetic, control_variate, num_processes, rates, chunk, progress: as in
+                :meth:`RoughBergomi.smile` (the antithetic partner here mirrors W⊥ only: V is not odd in W).
+            u_max: truncation of the Fourier integral (default: where the tail is below 1e-11 in price).
+            panel_width: widest Gauss–Legendre panel of the Fourier integral (16 nodes each).
+            richardson: extrapolate the Riccati solutions from grids n and 2n.
+
+        Returns:
+            :class:`Smile`.
+        """
+        if method == "fourier":
+            return self._smile_fourier(log_strikes, maturity, steps or 256, u_max, panel_width, richardson)
+        if method != "markov":
+            raise ValueError(f"method must be 'fourier' or 'markov' for RoughHeston; got {method!r}")
+        steps = MARKOV_DEFAULTS["steps"] if steps is None else steps
+        markov = {"num_processes": num_processes or MARKOV_DEFAULTS["num_processes"],
+                  "rates": MARKOV_DEFAULTS["rates"] if rates is None else rates}
+        return self._smile_mc(log_strikes, maturity, method, paths, steps, generator, antithetic, control_variate,
+                              chunk, progress, markov)
+
+    def log_char_function(self, u, maturity: float, steps: int = 256, richardson: bool = True) -> torch.Tensor:
+        """log E e^{iu log S_T} at complex ``u`` (1-D), by the fractional Adams scheme (see ``fourier``)."""
+        u = torch.as_tensor(u, dtype=torch.complex128).reshape(-1)
+        return F.log_char_function(u, float(maturity), self.hurst, self.v0, self.theta, self.lam, self.nu, self.rho,
+                                   steps=steps, richardson=richardson)
+
+    def _smile_fourier(self, log_strikes, maturity, steps, u_max, panel_width, richardson):
+        import time
+        k = _as_log_strikes(log_strikes)
+        T = _as_maturity(maturity)
+        steps = _check_count(steps, "steps")
+        t0 = time.perf_counter()
+
+        def log_phi(u):
+            return self.log_char_function(u, T, steps, richardson)
+
+        if u_max is None:
+            u_max = F.truncation(lambda u: self.log_char_function(u, T, steps, False), float(k.abs().max()))
+        call = F.lewis_call_prices(k, log_phi, float(u_max), float(panel_width))
+        otm = torch.where(k < 0, call - 1.0 + torch.exp(k), call)
+        iv = implied_vol(otm, k, T, option="otm")
+        zero = torch.zeros_like(call.detach())
+        return Smile(k, T, iv, zero, call, zero, "fourier",
+                     {"steps": steps, "richardson": richardson, "u_max": float(u_max), "panel_width": panel_width,
+                      "seconds": time.perf_counter() - t0})
