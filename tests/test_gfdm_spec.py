@@ -36,7 +36,8 @@ def test_every_constructor_argument_is_held_with_its_default():
     spec = DynamicsSpec.parse("fvp:K=2")
     assert spec.to_dict() == {"family": "fvp", "hurst": 0.9, "num_processes": 2, "gamma_max": 20.0,
                               "normalize_weights": True, "beta_min": 0.1, "beta_max": 20.0, "T": 1.0,
-                              "grid_size": 2048, "covariance_jitter": 0.0}
+                              "grid_size": 2048, "covariance_jitter": 0.0, "rates": "geometric",
+                              "max_rate": None}
     assert DynamicsSpec.parse("fve").to_dict()["sigma_min_offset"] is False
     assert DynamicsSpec.parse("ve").to_dict() == {"family": "ve", "sigma_min": 0.01, "sigma_max": 50.0, "T": 1.0,
                                                   "grid_size": 2048}
@@ -106,7 +107,7 @@ def test_reads_the_older_checkpoint_entry():
     ("fvp:beta_max=nan", "beta_max=nan is not a finite number"),
     ("fvp:normalize_weights=maybe", "normalize_weights=maybe is not true or false"),
     ("fvp:gamma=3", "unknown key 'gamma' for fvp; allowed: H, K, gamma_max, normalize_weights, beta_min, "
-                    "beta_max, T, grid_size, covariance_jitter"),
+                    "beta_max, T, grid_size, covariance_jitter, rates, max_rate"),
     ("fvp:covariance_jitter=-1e-4", "covariance_jitter=-1e-4 is out of range: need covariance_jitter >= 0"),
     ("vp:H=0.5", "unknown key 'H' for vp; allowed: beta_min, beta_max, T, grid_size (H, K, gamma_max, "
                  "normalize_weights need fvp)"),
@@ -133,7 +134,9 @@ _VALUES = {"hurst": st.floats(0.01, 0.99), "num_processes": st.integers(1, 6),
            "beta_min": st.floats(1e-3, 1.0), "beta_max": st.floats(1.0, 50.0),
            "sigma_min": st.floats(1e-3, 0.1), "sigma_max": st.floats(1.0, 100.0),
            "T": st.floats(0.1, 10.0), "grid_size": st.integers(16, 4096),
-           "covariance_jitter": st.floats(0.0, 1e-2), "sigma_min_offset": st.booleans()}
+           "covariance_jitter": st.floats(0.0, 1e-2), "sigma_min_offset": st.booleans(),
+           "rates": st.sampled_from(("geometric", "optimal", "quadrature")),
+           "max_rate": st.one_of(st.none(), st.floats(1.0, 1e6))}
 
 
 @st.composite

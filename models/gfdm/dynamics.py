@@ -24,12 +24,14 @@ class _Fractional(LinearFractionalDynamics):
     family = ""
 
     def __init__(self, schedule: Schedule, hurst: float, num_processes: int, gamma_max: float,
-                 normalize_weights: bool, grid_size: int, covariance_jitter: float = 0.0, x_variance_offset: float = 0.0):
+                 normalize_weights: bool, grid_size: int, covariance_jitter: float = 0.0, x_variance_offset: float = 0.0,
+                 rates: str = "geometric", max_rate: float | None = None):
         V.check_positive_int(num_processes, "num_processes", 0)
         V.check_hurst(hurst)
+        self.rates, self.max_rate = rates, max_rate
         if num_processes > 0:
             noise = MarkovApproxFBM(hurst=float(hurst), num_processes=num_processes, gamma_max=gamma_max,
-                                    kind="type2", horizon=schedule.horizon)
+                                    kind="type2", horizon=schedule.horizon, rates=rates, max_rate=max_rate)
             gammas, weights = noise.gammas.clone(), noise.weights.detach().clone()
             approx_error = float(noise.approximation_error)
         else:
@@ -55,7 +57,9 @@ class _Fractional(LinearFractionalDynamics):
         """"VP"/"VE" for K = 0, else e.g. "FVP(H=0.9,K=3)"."""
         if self.num_processes == 0:
             return self.family[1:]
-        return f"{self.family}(H={self.hurst:g},K={self.num_processes})"
+        rule = "" if self.rates == "geometric" else f",rates={self.rates}" + (
+            "" if self.max_rate is None else f",max_rate={self.max_rate:g}")
+        return f"{self.family}(H={self.hurst:g},K={self.num_processes}{rule})"
 
     def extra_repr(self) -> str:
         return (f"hurst={self.hurst:g}, num_processes={self.num_processes}, gamma_max={self.gamma_max:g}, "
@@ -75,7 +79,10 @@ class FVP(_Fractional):
     """Fractional variance preserving: β(t) = β_min + (β_max − β_min) t/T, μ = −β/2, g = √β.
 
     Args:
-        hurst: H ∈ (0, 1); num_processes: K ≥ 0 (0 = VP); gamma_max: largest OU rate;
+        hurst: H ∈ (0, 1); num_processes: K ≥ 0 (0 = VP); gamma_max: largest OU rate of the geometric grid;
+        rates, max_rate: the rate rule of :class:`fracsde.MarkovApproxFBM` (``"geometric"``, ``"optimal"``,
+            ``"quadrature"``) and its cap on the largest rate; the coefficient tables refuse rates they cannot
+            resolve in float64, naming the limit (e.g. K = 8 needs max_rate ≤ 20 at H = 0.2);
         normalize_weights: rescale ω so that Var(X_T | x_0) = 1 − c(T)² as for VP;
         beta_min, beta_max, T: the schedule and the horizon; grid_size: knots of the coefficient tables.
         covariance_jitter: 0 (exact, default) or the official code's 1e−4: its conditional law of X given Y,
@@ -86,9 +93,10 @@ class FVP(_Fractional):
 
     def __init__(self, hurst: float = 0.9, num_processes: int = 3, gamma_max: float = 20.0,
                  normalize_weights: bool = True, beta_min: float = 0.1, beta_max: float = 20.0, T: float = 1.0,
-                 grid_size: int = 2048, covariance_jitter: float = 0.0):
+                 grid_size: int = 2048, covariance_jitter: float = 0.0, rates: str = "geometric",
+                 max_rate: float | None = None):
         super().__init__(VPSchedule(beta_min, beta_max, T), hurst, num_processes, gamma_max, normalize_weights,
-                         grid_size, covariance_jitter)
+                         grid_size, covariance_jitter, rates=rates, max_rate=max_rate)
 
 
 class FVE(_Fractional):
@@ -102,7 +110,9 @@ class FVE(_Fractional):
 
     def __init__(self, hurst: float = 0.9, num_processes: int = 3, gamma_max: float = 20.0,
                  normalize_weights: bool = True, sigma_min: float = 0.01, sigma_max: float = 50.0, T: float = 1.0,
-                 grid_size: int = 2048, covariance_jitter: float = 0.0, sigma_min_offset: bool = False):
+                 grid_size: int = 2048, covariance_jitter: float = 0.0, sigma_min_offset: bool = False,
+                 rates: str = "geometric", max_rate: float | None = None):
         super().__init__(VESchedule(sigma_min, sigma_max, T), hurst, num_processes, gamma_max, normalize_weights,
-                         grid_size, covariance_jitter, sigma_min ** 2 if sigma_min_offset else 0.0)
+                         grid_size, covariance_jitter, sigma_min ** 2 if sigma_min_offset else 0.0, rates=rates,
+                         max_rate=max_rate)
         self.sigma_min_offset = bool(sigma_min_offset)

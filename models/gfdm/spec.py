@@ -28,7 +28,8 @@ __all__ = ["DynamicsSpec", "FAMILIES", "RunSpec", "RECIPE_KEYS"]
 
 #: family name → (class, fractional?)
 FAMILIES = {"vp": (FVP, False), "ve": (FVE, False), "fvp": (FVP, True), "fve": (FVE, True)}
-_FRACTIONAL_ONLY = ("hurst", "num_processes", "gamma_max", "normalize_weights", "covariance_jitter", "sigma_min_offset")
+_FRACTIONAL_ONLY = ("hurst", "num_processes", "gamma_max", "normalize_weights", "covariance_jitter", "sigma_min_offset",
+                    "rates", "max_rate")
 _SHORT = {"hurst": "H", "num_processes": "K"}
 _NON_NEGATIVE = ("covariance_jitter",)      # 0 is the exact model
 _TRUE, _FALSE = ("true", "yes", "on", "1"), ("false", "no", "off", "0")
@@ -58,6 +59,15 @@ def _format(value) -> str:
 def _coerce(value, default, key: str, where: str):
     """``value`` (text or number) as the type of ``default``, range-checked; ValueError names key and value."""
     kind = type(default)
+    if key == "rates":                                        # the rate rule: a name
+        from fracsde import RATE_RULES
+        if str(value).strip().lower() not in RATE_RULES:
+            raise ValueError(f"{where}: rates={value} is not one of {RATE_RULES}")
+        return str(value).strip().lower()
+    if key == "max_rate":                                     # None (no cap) or a positive number
+        if value is None or str(value).strip().lower() == "none":
+            return None
+        kind = float
     try:
         if kind is bool:
             if isinstance(value, str) and value.strip().lower() in _TRUE + _FALSE:
