@@ -124,7 +124,16 @@ class Schedule(abc.ABC):
 
 
 class VPSchedule(Schedule):
-    """Variance preserving: β(t) = β_min + (β_max − β_min) t/T, μ = −β/2, g = √β (Song et al. 2021)."""
+    """Variance preserving: β(t) = β_min + (β_max − β_min) t/T, μ = −β/2, g = √β (Song et al. 2021).
+
+    Args:
+        beta_min: β(0) > 0, in units of 1/time.
+        beta_max: β(T) >= beta_min, in units of 1/time.
+        horizon: T > 0, the end of the time interval [0, T].
+
+    Raises:
+        ValueError: a non-positive value or beta_max < beta_min, naming the parameter and the value.
+    """
 
     def __init__(self, beta_min: float = 0.1, beta_max: float = 20.0, horizon: float = 1.0):
         super().__init__(horizon)
@@ -157,7 +166,16 @@ class VPSchedule(Schedule):
 
 
 class VESchedule(Schedule):
-    """Variance exploding: μ = 0, g = σ_min √(2λ/T) e^{λt/T}, λ = ln(σ_max/σ_min), so Var = σ_min²(e^{2λt/T} − 1)."""
+    """Variance exploding: μ = 0, g = σ_min √(2λ/T) e^{λt/T}, λ = ln(σ_max/σ_min), so Var = σ_min²(e^{2λt/T} − 1).
+
+    Args:
+        sigma_min: σ_min > 0, the noise scale at t = 0 (in the units of the data).
+        sigma_max: σ_max > sigma_min, the noise scale at t = T.
+        horizon: T > 0, the end of the time interval [0, T].
+
+    Raises:
+        ValueError: a non-positive value or sigma_max <= sigma_min, naming the parameter and the value.
+    """
 
     closed_form = "ve"
 

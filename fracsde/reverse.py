@@ -182,9 +182,22 @@ def euler_maruyama(sde, z0: torch.Tensor, ts: torch.Tensor, generator: torch.Gen
                    progress: bool = False) -> torch.Tensor:
     """Streaming Euler–Maruyama for any SDE with ``f_and_g_prod(t, z, v)`` and ``brownian_size``.
 
-    ``ts`` is increasing (the SDE's own time); returns the state at ``ts[-1]`` only. Memory is O(1) in the
-    number of steps: one standard normal of shape (batch, brownian_size) is drawn per step, on the device
-    of ``z0``. Objects with ``probability_flow = True`` are integrated without noise (explicit Euler).
+    Memory is O(1) in the number of steps: one standard normal of shape (batch, brownian_size) is drawn per
+    step, on the device of ``z0``. Objects with ``probability_flow = True`` are integrated without noise
+    (explicit Euler).
+
+    Args:
+        sde: e.g. a :class:`ReverseTimeSDE`; ``f(t, z)``, ``f_and_g_prod(t, z, v)`` and ``brownian_size``.
+        z0: (batch, state_size) initial state at ``ts[0]``.
+        ts: 1-D increasing times in the SDE's own time (at least 2); one step per interval.
+        generator: the ``torch.Generator`` of the Brownian increments (on the device of ``z0``).
+        progress: show a per-step progress bar.
+
+    Returns:
+        The state at ``ts[-1]``, shaped like ``z0``.
+
+    Raises:
+        ValueError: ``ts`` not 1-D with at least 2 times.
     """
     ts = torch.as_tensor(ts, device=z0.device)
     if ts.dim() != 1 or ts.numel() < 2:

@@ -11,6 +11,7 @@ import doctest
 import importlib
 import importlib.metadata
 import importlib.util
+import inspect
 import os
 import pkgutil
 import re
@@ -23,8 +24,12 @@ import pytest
 tomllib = pytest.importorskip("tomllib")      # Python 3.11+
 ROOT = Path(__file__).resolve().parents[1]
 PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
-# the packages whose __all__ the API reference renders (models.roughvol joins once it exports names)
-API_PACKAGES = {"fracsde": "api/fracsde", "models.gfdm": "api/gfdm"}
+# the packages whose __all__ the API reference renders
+API_PACKAGES = {"fracsde": "api/fracsde", "models.gfdm": "api/gfdm", "models.roughvol": "api/roughvol"}
+# TEMPORARY (issue 20): exported names, in files edited in parallel, whose docstrings have no Args section yet
+ARGS_TO_WRITE = {"fracsde.FractionalBrownianMotion", "fracsde.geometric_gammas", "fracsde.optimal_weights",
+                 "fracsde.RateRule", "fracsde.strong_error", "fracsde.supported_methods", "fracsde.default_method",
+                 "models.gfdm.FVE", "models.gfdm.DynamicsSpec", "models.gfdm.score_matching_loss"}
 
 
 def _run(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
@@ -72,6 +77,31 @@ def test_docstring_roles_become_cross_references(site):
     assert not re.search(r":(class|func|meth|attr|mod|data):<code>", html)
 
 
+@pytest.mark.parametrize("package", sorted(API_PACKAGES))
+def test_exported_names_document_their_arguments(package):
+    """Every exported class or function has a docstring, and one with parameters says what they are (an
+    ``Args:`` section, or ``Attributes:`` for a dataclass; in the class or its ``__init__``)."""
+    module = importlib.import_module(package)
+    undocumented, no_args = [], []
+    for name in module.__all__:
+        obj = getattr(module, name)
+        if not (inspect.isclass(obj) or inspect.isfunction(obj)):
+            continue                                   # data (registries, constants) are described by the pages
+        docs = [obj.__doc__ or ""] + ([obj.__init__.__doc__ or ""] if inspect.isclass(obj) else [])
+        if not docs[0].strip():
+            undocumented.append(name)
+            continue
+        try:
+            params = [p for p in inspect.signature(obj).parameters if p != "self"]
+        except (TypeError, ValueError):
+            params = []
+        sections = re.compile(r"^\s*(Args|Arguments|Attributes):\s*$", re.M)
+        if params and not any(sections.search(d) for d in docs) and f"{package}.{name}" not in ARGS_TO_WRITE:
+            no_args.append(name)
+    assert not undocumented, f"{package}: exported names without a docstring: {undocumented}"
+    assert not no_args, f"{package}: exported names whose docstring does not describe their arguments: {no_args}"
+
+
 # ------------------------------------------------------------------------------------------------ lint, types
 def test_ruff_is_clean():
     _need("ruff")
@@ -91,8 +121,9 @@ def test_no_files_left_out_of_the_linters():
     ruff = PYPROJECT["tool"]["ruff"].get("extend-exclude", [])
     mypy = [m for o in PYPROJECT["tool"]["mypy"].get("overrides", []) if o.get("ignore_errors")
             for m in o["module"]]
-    if ruff or mypy:
-        pytest.skip(f"left out of ruff: {', '.join(ruff)}; of mypy: {', '.join(mypy)}")
+    if ruff or mypy or ARGS_TO_WRITE:
+        pytest.skip(f"left out of ruff: {', '.join(ruff)}; of mypy: {', '.join(mypy)}; docstrings without Args: "
+                    f"{', '.join(sorted(ARGS_TO_WRITE))}")
 
 
 # ---------------------------------------------------------------------------------------- docstring examples

@@ -27,7 +27,19 @@ def _coefficients(dynamics, t, like):
 
 
 class GaussianEpsModel:
-    """ε*(u, t) for x_0 ~ N(mean, std²) per coordinate (mean, std: floats or tensors broadcastable to x)."""
+    """The exact ε-model ε*(u, t) = E[ε | u_t = u] for data x_0 ~ N(mean, std²) per coordinate: an oracle for
+    testing samplers and losses without training.
+
+    Args:
+        dynamics: the forward dynamics (e.g. ``FVP(0.9, 3)``).
+        mean: the data mean, a float or a tensor broadcastable to the data.
+        std: the data standard deviation (> 0, finite), a float or a tensor broadcastable to the data.
+
+    Calling it with ``(u, t)`` (u of shape (batch, *shape), t a scalar or (batch,)) returns ε* shaped like u.
+
+    Raises:
+        ValueError: a std entry that is not > 0 and finite.
+    """
 
     def __init__(self, dynamics: LinearFractionalDynamics, mean=0.0, std=1.0):
         sd = torch.as_tensor(std, dtype=torch.float64)
@@ -51,7 +63,17 @@ class GaussianEpsModel:
 
 
 class GaussianMixtureEpsModel:
-    """ε*(u, t) for data Σ_k π_k N(means_k, stds_k² I) in R^d; u of shape (batch, d)."""
+    """The exact ε-model ε*(u, t) for data Σ_k π_k N(means_k, stds_k² I) in R^d; u of shape (batch, d).
+
+    Args:
+        dynamics: the forward dynamics.
+        means: (M, d) component means.
+        stds: (M,) component standard deviations (> 0, finite).
+        weights: (M,) mixture weights π (>= 0, finite, not all 0; normalised here).
+
+    Raises:
+        ValueError: invalid weights or stds, naming them.
+    """
 
     def __init__(self, dynamics: LinearFractionalDynamics, means, stds, weights):
         self.dynamics = dynamics
@@ -80,7 +102,17 @@ class GaussianMixtureEpsModel:
 def gaussian_loss_minimum(dynamics: LinearFractionalDynamics, std: float, t_eps: float = 1e-5,
                           nodes: int = 4001) -> float:
     """The minimum of :func:`~models.gfdm.loss.score_matching_loss` for N(m, std²) data:
-    (T − t_eps)⁻¹ ∫ c² s² / (c² s² + σ̃²) dt (the residual variance Var(ε | u)), by Simpson's rule in log t."""
+    (T − t_eps)⁻¹ ∫ c² s² / (c² s² + σ̃²) dt (the residual variance Var(ε | u)), by Simpson's rule in log t.
+
+    Args:
+        dynamics: the forward dynamics (horizon T).
+        std: the data standard deviation s > 0 (the mean does not matter).
+        t_eps: the smallest training time, 0 < t_eps < T.
+        nodes: Simpson nodes in log t (odd).
+
+    Returns:
+        The minimal loss, a float in [0, 1].
+    """
     T = dynamics.horizon
     v = torch.linspace(math.log(t_eps), math.log(T), nodes, dtype=torch.float64)
     t = torch.exp(v)

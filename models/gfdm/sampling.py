@@ -74,9 +74,23 @@ def register_sampler(name: str, sampler: Callable, deterministic: bool = False, 
                      min_steps: int = 1, info: SamplerInfo | None = None) -> Callable:
     """Add ``sampler`` to :data:`SAMPLERS` under ``name`` (refuses to replace an existing one).
 
-    ``denoises``: the sampler evaluates the network at every grid point and returns the data prediction of the
-    last (``steps`` points for ``steps`` evaluations); otherwise it returns (u, ỹ) at the last point
-    (``steps + 1`` points)."""
+    Args:
+        name: the method name that :func:`sample` and the CLI's ``--sampler`` take (non-empty).
+        sampler: ``sampler(eps_model, dynamics, u, y_newton, ts, *, generator, model_kwargs, progress)``
+            integrating from ``ts[0]`` down to ``ts[-1]`` (docs/CONTRIBUTING.md, "A sampler").
+        deterministic: the sampler draws no noise (it integrates a probability-flow ODE).
+        denoises: the sampler evaluates the network at every grid point and returns the data prediction of the
+            last (``steps`` points for ``steps`` evaluations); otherwise it returns (u, ỹ) at the last point
+            (``steps + 1`` points).
+        min_steps: the fewest network evaluations it accepts (>= 1).
+        info: a full ``SamplerInfo`` instead of the three flags above.
+
+    Returns:
+        ``sampler`` itself.
+
+    Raises:
+        ValueError: an empty name or one already registered. TypeError: ``sampler`` not callable.
+    """
     if not isinstance(name, str) or not name:
         raise ValueError(f"sampler name must be a non-empty string; got {name!r}")
     if name in SAMPLERS:
