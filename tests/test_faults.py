@@ -382,3 +382,274 @@ def test_latent_posterior_samples_are_detached():
     model = prob.model(AffineControl(1, 1, 3))
     paths = model.sample_posterior(torch.linspace(0, 1, 5, dtype=torch.float64), 8, dt=0.02)
     assert not paths.requires_grad
+
+
+# ------------------------------------------------------------------ 8. issue 19: runs and files lose nothing
+def _train_argv(out, *extra):
+    return ["train", *TINY, "--steps", "2", "--batch-size", "8", "--sample-every", "100", "--grid-steps", "2",
+            "--sample-num", "4", "--out", str(out), *extra]
+
+
+@pytest.mark.parametrize("command", ["train", "sample", "evaluate", "compare"])
+def test_a_locked_output_is_refused_naming_the_holder(run, tmp_path, capsys, command):
+    import os
+
+    from models.gfdm.runfiles import run_lock
+
+    ckpt = str(run / "checkpoint.pt")
+    target, folder, argv = {
+        "train": (tmp_path / "r", True, _train_argv(tmp_path / "r")),
+        "sample": (tmp_path / "s", True, ["sample", "--checkpoint", ckpt, "--num", "2", "--steps", "2",
+                                          "--out", str(tmp_path / "s")]),
+        "evaluate": (tmp_path / "e.json", False, ["evaluate", "--checkpoint", ckpt, "--num", "2", "--steps", "2",
+                                                  "--out", str(tmp_path / "e.json")]),
+        "compare": (tmp_path / "c", True, ["compare", *TINY, "--steps", "2", "--out", str(tmp_path / "c")]),
+    }[command]
+    with run_lock(target, "holder", folder=folder):
+        assert main(argv) == 2
+    err = _one_error(capsys)
+    assert f"{target} is in use by another gfdm process (pid {os.getpid()}, gfdm holder" in err
+    assert not target.exists() or not any(p.name != ".gfdm.lock" for p in target.iterdir())
+
+
+def test_the_stale_lock_of_a_dead_process_is_taken_over(tmp_path, capsys):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / ".gfdm.lock").write_text("pid 999999999, gfdm train\n")       # SIGKILLed holder: no flock on it
+    assert main(_train_argv(out)) == 0
+    assert "took over the lock of pid 999999999, gfdm train, which is no longer running" in capsys.readouterr().out
+    assert not (out / ".gfdm.lock").exists() and (out / "checkpoint.pt").is_file()
+
+
+def _flip_bytes_inside_a_weight(path):
+    """Flip 16 bytes in the middle of the largest weight tensor's data in the file (the first copy: the EMA's or,
+    if still equal to it, the model's)."""
+    state = torch.load(path, weights_only=True)
+    name, weight = max(state["ema"].items(), key=lambda kv: kv[1].numel())
+    data = weight.contiguous().view(torch.uint8).numpy().tobytes()
+    raw = bytearray(path.read_bytes())
+    at = raw.find(data) + len(data) // 2
+    assert at > len(data) // 2, "weight bytes not found in the file"
+    raw[at:at + 16] = bytes(b ^ 0xFF for b in raw[at:at + 16])
+    path.write_bytes(bytes(raw))
+    loaded = torch.load(path, weights_only=True)               # torch reads it silently; model or EMA changed
+    assert not (torch.equal(loaded["ema"][name], weight) and torch.equal(loaded["model"][name], state["model"][name]))
+
+
+def test_a_checkpoint_with_flipped_bytes_is_refused_on_every_load(run, tmp_path, capsys):
+    import shutil
+
+    out = tmp_path / "run"
+    shutil.copytree(run, out)
+    shutil.copy(run.parent / "pristine.pt", out / "checkpoint.pt")
+    _flip_bytes_inside_a_weight(out / "checkpoint.pt")
+    message = f"checkpoint {out / 'checkpoint.pt'} is damaged: its contents do not match the checksum"
+    assert main(["sample", "--checkpoint", str(out / "checkpoint.pt"), "--num", "2", "--steps", "2",
+                 "--out", str(tmp_path / "s")]) == 2
+    assert message in _one_error(capsys)
+    assert main([*_train_argv(out, "--resume"), "--steps", "3"]) == 2
+    assert message in _one_error(capsys)
+
+
+def test_divergence_stops_with_one_line_and_keeps_the_last_finite_checkpoint(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main([*_train_argv(out, "--lr", "1e9", "--ckpt-every", "1", "--log-every", "50"), "--steps", "40"]) == 2
+    err = _one_error(capsys)
+    assert "training diverged: " in err and "Try a smaller --lr (now 1e+09)" in err
+    assert "nothing non-finite was written" in err and "NonFiniteStateError" not in err
+    state = torch.load(out / "checkpoint.pt", weights_only=True)
+    assert f"the last finite checkpoint (step {state['step']}) is kept" in err
+    for part in ("model", "ema"):
+        assert all(torch.isfinite(v).all() for v in state[part].values() if v.is_floating_point())
+
+
+def _disk_full(*a, **k):
+    import errno
+
+    raise OSError(errno.ENOSPC, "No space left on device")
+
+
+@pytest.mark.parametrize("command", ["train", "sample", "evaluate"])
+def test_a_full_disk_is_one_line_and_leaves_no_partial_file(run, tmp_path, capsys, monkeypatch, command):
+    import os
+
+    import models.gfdm.runfiles as runfiles
+
+    ckpt = str(run / "checkpoint.pt")
+    out, argv, target = {
+        "train": (tmp_path / "r", _train_argv(tmp_path / "r"), "samples/grid-0000002.png"),     # its first file
+        "sample": (tmp_path / "s", ["sample", "--checkpoint", ckpt, "--num", "2", "--steps", "2", "--no-progress",
+                                    "--out", str(tmp_path / "s")], "grid.png"),
+        "evaluate": (tmp_path / "e", ["evaluate", "--checkpoint", ckpt, "--num", "4", "--steps", "2",
+                                      "--no-progress", "--out", str(tmp_path / "e" / "e.json")], "e.json"),
+    }[command]
+    if command == "evaluate":        # the feature network and reference statistics are cached first
+        assert main([*argv[:-1], str(tmp_path / "warm" / "e.json")]) == 0
+    monkeypatch.setattr(runfiles.os, "fsync", _disk_full)      # the write reaches the disk, which is full
+    assert main(argv) == 2
+    err = _one_error(capsys)
+    assert f"No space left on device while writing {out / target}" in err
+    assert not (out / target).exists() and not [p for p in out.rglob("*") if p.name.endswith(".tmp")]
+
+
+def test_temporaries_of_a_killed_write_are_swept_at_the_next_start(tmp_path):
+    out = tmp_path / "run"
+    assert main(_train_argv(out)) == 0
+    left = [out / ".checkpoint.pt.k1ll3d.tmp", out / ".config.json.x9.tmp", out / "samples" / ".grid-0000001.png.a.tmp"]
+    for path in left:
+        path.parent.mkdir(exist_ok=True)
+        path.write_bytes(b"half a file")
+    (out / "notes.tmp").write_text("the user's")
+    assert main([*_train_argv(out, "--resume"), "--steps", "3"]) == 0
+    assert not any(p.exists() for p in left) and (out / "notes.tmp").exists()
+
+
+@pytest.mark.parametrize("command", ["sample", "evaluate", "train", "demo"])
+def test_existing_results_are_refused_without_overwrite(run, tmp_path, capsys, command):
+    from fracsde.demo import main as demo_main
+
+    ckpt = str(run / "checkpoint.pt")
+    out = tmp_path / "out"
+    argv, kept = {
+        "sample": (["sample", "--checkpoint", ckpt, "--num", "2", "--steps", "2", "--no-progress", "--out", str(out)],
+                   out / "samples.npz"),
+        "evaluate": (["evaluate", "--checkpoint", ckpt, "--num", "4", "--steps", "2", "--no-progress",
+                      "--out", str(out / "e.json")], out / "e.json"),
+        "train": (_train_argv(out), out / "metrics.jsonl"),
+        "demo": (["--out", str(out)], out / "paths.png"),
+    }[command]
+    kept.parent.mkdir(parents=True, exist_ok=True)
+    kept.write_bytes(b"the user's own file")
+    run_command = demo_main if command == "demo" else main
+    assert run_command(argv) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and err.count("error:") == 1 and "--overwrite" in err, err
+    assert kept.read_bytes() == b"the user's own file"
+    if command != "demo":          # the demo's --overwrite run is covered by its one-line-error test
+        assert run_command([*argv, "--overwrite"]) == 0
+        assert kept.read_bytes() != b"the user's own file"
+
+
+@pytest.fixture(scope="module")
+def vp_run(tmp_path_factory):
+    """A 2-step VP run with a non-default learning rate."""
+    out = tmp_path_factory.mktemp("faults-vp") / "vp"
+    assert main([*_train_argv(out, "--dynamics", "vp", "--lr", "2e-3")]) == 0
+    return out
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--dynamics", "fvp"], "--dynamics fvp gives FVP(H=0.9,K=3) (the checkpoint has VP)"),
+    (["--lr", "1e-3"], "--lr 0.001 (the checkpoint has 0.002)"),      # equal to the flag's default, still typed
+    (["--precondition", "edm"], "--precondition edm (the checkpoint has 'none')"),
+])
+def test_resume_refuses_every_typed_flag_that_contradicts_the_checkpoint(vp_run, capsys, flags, message):
+    before = (vp_run / "checkpoint.pt").read_bytes()
+    assert main([*_train_argv(vp_run, "--resume", *flags), "--steps", "3"]) == 2
+    err = _one_error(capsys)
+    assert message in err and "contradicts the run being resumed; nothing was changed" in err
+    assert (vp_run / "checkpoint.pt").read_bytes() == before
+
+
+def test_resume_refuses_a_config_json_that_disagrees_with_the_checkpoint(run, vp_run, tmp_path, capsys):
+    import json
+    import shutil
+
+    edited = tmp_path / "edited"
+    shutil.copytree(vp_run, edited)
+    config = json.loads((edited / "config.json").read_text())
+    (edited / "config.json").write_text(json.dumps({**config, "seed": 7}))
+    assert main([*_train_argv(edited, "--resume"), "--steps", "3"]) == 2
+    err = _one_error(capsys)
+    assert "config.json disagrees with" in err and "seed: config.json 7, checkpoint 0" in err
+    assert "the checkpoint is the source of truth" in err
+    swapped = tmp_path / "swapped"                 # an FVP run's folder holding a VP run's checkpoint
+    shutil.copytree(run, swapped)
+    shutil.copy(vp_run / "checkpoint.pt", swapped / "checkpoint.pt")
+    assert main([*_train_argv(swapped, "--resume"), "--steps", "3"]) == 2
+    assert "dynamics: config.json 'fvp', checkpoint 'vp'" in _one_error(capsys)
+
+
+def test_sigint_saves_and_exits_130(tmp_path, monkeypatch):
+    import os
+    import signal
+
+    import models.gfdm.train as train_module
+
+    step = train_module._train_step
+
+    def interrupted_step(run, *a):
+        if run.step == 1:
+            os.kill(os.getpid(), signal.SIGINT)      # Ctrl-C during the second step
+        return step(run, *a)
+
+    monkeypatch.setattr(train_module, "_train_step", interrupted_step)
+    out = tmp_path / "run"
+    assert main([*_train_argv(out, "--log-every", "1"), "--steps", "50"]) == 130
+    assert torch.load(out / "checkpoint.pt", weights_only=True)["step"] == 2
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["train", "--device", "meta"], "device 'meta' holds shapes without values"),
+    (["train", "--channels", "100000"], "the U-Net of --channels 100000"),
+    (["train", "--sample-num", "1000000000"], "a training sample grid of --sample-num 1000000000 images needs"),
+    (["train", "--out", "/proc/gfdm-run"], "--out /proc/gfdm-run: /proc does not accept new files"),
+    (["sample", "--num", "1000000000"], "--num 1000000000 images of shape (1, 8, 8) needs"),
+    (["evaluate", "--samples", "PICKLED"], "is not a samples file written by gfdm sample"),
+])
+def test_inputs_that_gave_tracebacks_are_one_line_errors(run, tmp_path, capsys, argv, message):
+    import numpy as np
+
+    if argv[0] == "train":
+        argv = [*_train_argv(tmp_path / "r"), *argv[1:]]
+    elif argv[0] == "sample":
+        argv = ["sample", "--checkpoint", str(run / "checkpoint.pt"), "--out", str(tmp_path / "s"), *argv[1:]]
+    else:
+        np.save(tmp_path / "pickled.npy", np.array([{"a": 1}], dtype=object), allow_pickle=True)
+        (tmp_path / "pickled.npy").rename(tmp_path / "pickled.npz")
+        argv = ["evaluate", "--samples", str(tmp_path / "pickled.npz")]
+    assert main(argv) == 2
+    assert message in _one_error(capsys)
+    assert not (tmp_path / "r").exists() and not (tmp_path / "s").exists()
+
+
+def test_a_config_null_for_a_setting_without_an_unset_value_is_an_argparse_error(tmp_path, capsys):
+    import json
+
+    (tmp_path / "c.json").write_text(json.dumps({"hurst": None}))
+    with pytest.raises(SystemExit) as e:
+        main(["train", "--config", str(tmp_path / "c.json"), "--out", str(tmp_path / "r")])
+    assert e.value.code == 2 and "hurst=null is invalid" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--gamma-max", "0.5"], "--gamma-max must be finite and in (1, 10000]; got 0.5"),
+    (["--gamma-max", "nan"], "--gamma-max must be finite and in (1, 10000]; got nan"),
+    (["--gamma-max", "1e300"], "--gamma-max must be finite and in (1, 10000]; got 1e+300"),
+    (["--out", "/proc/x"], "--out /proc/x: /proc does not accept new files"),
+    (["--out", "FILE"], "is an existing file; --out needs a folder"),
+])
+def test_demo_bad_arguments_are_one_line_before_any_output(tmp_path, capsys, argv, message):
+    from fracsde.demo import main as demo_main
+
+    if "FILE" in argv:
+        (tmp_path / "file").write_text("keep")
+        argv = ["--out", str(tmp_path / "file")]
+    try:
+        rc = demo_main(argv)
+    except SystemExit as e:            # argparse's own errors
+        rc = e.code
+    captured = capsys.readouterr()
+    assert rc == 2 and message in captured.err and "Traceback" not in captured.err
+    assert captured.out == ""          # nothing printed, then lost
+
+
+def test_demo_prints_its_tables_without_warnings_and_marks_the_large_errors(tmp_path, capsys):
+    import warnings
+
+    from fracsde.demo import error_table
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")           # an ApproximationWarning between the tables fails here
+        table = error_table("type1")
+    assert "| 0.9 | 9.51e-01* | 7.03e-01* |" in table and "* relative error above 0.5" in table
