@@ -37,7 +37,7 @@ import torch
 from scipy import optimize, special
 
 from . import _validation as V
-from .noise import cancellation
+from .noise import MAX_CANCELLATION, cancellation
 
 __all__ = ["RATE_RULES", "RateRule", "markov_rates", "strong_error", "kernel_projection", "kernel_norm"]
 
@@ -366,6 +366,11 @@ def markov_rates(hurst: float, num_processes: int, rates: str = "geometric", max
         gamma_max = V.check_positive_float(gamma_max, "gamma_max", 1.0)
         g = geometric_gammas(K, gamma_max) / horizon
         w = optimal_weights(hurst, g, kind, horizon).weights.detach()
+        kappa = cancellation(g, w, kind, horizon)
+        if kappa > MAX_CANCELLATION:
+            raise ValueError(f"the geometric grid with num_processes={K} and gamma_max={gamma_max:g} cannot be solved "
+                             f"accurately in float64 (its weights cancel by {kappa:.1e}); use fewer processes, a "
+                             f"larger gamma_max, or rates='optimal'")
     else:
         cap = None if max_rate is None else max_rate * horizon
         if cap is not None and cap <= _MIN_RATE * 10:
