@@ -115,7 +115,7 @@ def test_ruff_is_clean():
 
 def test_mypy_is_clean():
     _need("mypy")
-    proc = _run("mypy", "--cache-dir", os.devnull)       # files and settings: [tool.mypy] in pyproject.toml
+    proc = _run("mypy")      # files and settings: [tool.mypy]; .mypy_cache (git-ignored): ~30 s cold, ~4 s warm
     assert proc.returncode == 0, f"mypy found problems:\n{proc.stdout[-8000:]}{proc.stderr[-2000:]}"
 
 
