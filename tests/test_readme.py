@@ -1,15 +1,17 @@
-"""The README's code blocks run as written, and its first two commands are the documented ones."""
+"""The README's code blocks run as written and print what it shows; its first two commands are the documented ones."""
 import pathlib
 import re
 
 README = pathlib.Path(__file__).resolve().parents[1] / "README.md"
 
 
-def test_readme_python_blocks_run():
-    blocks = re.findall(r"```python\n(.*?)```", README.read_text(), re.S)
-    assert len(blocks) >= 2
-    for i, block in enumerate(blocks):
-        exec(compile(block, f"README block {i}", "exec"), {"__name__": "readme"})
+def test_readme_python_blocks_run_and_print_what_the_readme_shows():
+    from doc_snippets import blocks, check_block
+
+    found = blocks(README.read_text())
+    assert len(found) >= 3
+    for i, (code, printed) in enumerate(found):
+        check_block(code, printed, {"__name__": "readme"}, f"README block {i}")
 
 
 def test_ci_runs_the_readme_test_command():
