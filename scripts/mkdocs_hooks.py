@@ -1,7 +1,8 @@
 """MkDocs hooks (mkdocs.yml ``hooks:``).
 
 - ``notebooks/*.ipynb`` are published at ``notebooks/`` of the site: they live outside ``docs/`` (the tests
-  execute them where they are), and this lets the pages link them with strict link checking.
+  execute them where they are), and this lets the pages link them with strict link checking. A line
+  ``<!-- notebooks -->`` becomes a list of links to all of them, each with the heading of its first cell.
 - A line ``<!-- api: PACKAGE -->`` in a page becomes one mkdocstrings block (``::: PACKAGE.NAME``) per name of
   ``PACKAGE.__all__``, in its order, so the API reference always lists exactly the exported names. ``__all__``
   is read from the package's ``__init__.py`` source (a list of string literals), without importing it.
@@ -12,6 +13,7 @@
 from __future__ import annotations
 
 import ast
+import json
 import re
 from pathlib import Path
 
@@ -20,6 +22,7 @@ from mkdocs.utils import get_relative_url
 
 ROOT = Path(__file__).resolve().parents[1]
 API_MARKER = re.compile(r"^<!-- api: ([\w.]+) -->$", re.M)
+NOTEBOOKS_MARKER = re.compile(r"^<!-- notebooks -->$", re.M)
 OBJECT_ID = re.compile(r'id="((?:fracsde|models)\.[\w.]+)"')
 ROLE = re.compile(r":(?:class|func|meth|attr|mod|data|exc):<code>(~?)([\w.]+)</code>")
 _anchors: dict[str, str] = {}          # rendered object id -> URL of its page
@@ -34,6 +37,14 @@ def public_names(package: str) -> list[str]:
     raise ValueError(f"{init} defines no __all__ list; the API reference renders exactly __all__")
 
 
+def notebook_title(path: Path) -> str:
+    """The first line of the notebook's first markdown cell, without '#' and a leading 'NN —'."""
+    cells = json.loads(path.read_text())["cells"]
+    text = next(("".join(c["source"]).strip() for c in cells if c["cell_type"] == "markdown"), "")
+    first = text.splitlines()[0] if text else path.stem
+    return re.sub(r"^#+\s*(\d+\s*[—·:-]\s*)?", "", first).strip()
+
+
 def on_files(files: Files, config) -> Files:
     for nb in sorted((ROOT / "notebooks").glob("*.ipynb")):
         files.append(File(f"notebooks/{nb.name}", src_dir=str(ROOT), dest_dir=config["site_dir"],
@@ -46,6 +57,11 @@ def on_page_markdown(markdown: str, page, config, files) -> str:
         package = match.group(1)
         return "\n\n".join(f"::: {package}.{name}" for name in public_names(package))
 
+    def notebook_list(match: re.Match) -> str:
+        return "\n".join(f"- [{nb.name}](notebooks/{nb.name}): {notebook_title(nb)}"
+                          for nb in sorted((ROOT / "notebooks").glob("*.ipynb")))
+
+    markdown = NOTEBOOKS_MARKER.sub(notebook_list, markdown)
     return API_MARKER.sub(blocks, markdown)
 
 
