@@ -8,6 +8,7 @@ which git ignores).
 """
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import subprocess
@@ -39,17 +40,24 @@ def _run(cmd: list[str], cwd: Path, timeout: float = 900) -> subprocess.Complete
 
 @pytest.fixture(scope="module")
 def installed(tmp_path_factory) -> dict:
-    """Build the wheel and install it with EXTRAS into a fresh venv."""
-    base = tmp_path_factory.mktemp("wheel")
-    _run([sys.executable, "-m", "pip", "wheel", ".", "--no-deps", "-q", "-w", str(base / "dist")], cwd=ROOT)
-    (wheel,) = (base / "dist").glob("fracsde-*.whl")
-    _run([sys.executable, "-m", "venv", str(base / "venv")], cwd=base)
-    bin_dir = base / "venv" / "bin"
-    requirement = f"fracsde[{','.join(EXTRAS)}] @ {wheel.as_uri()}"
-    _run([str(bin_dir / "python"), "-m", "pip", "install", "-q", TORCH, requirement], cwd=base)
-    work = base / "elsewhere"                  # not the repository: imports must come from the venv
-    work.mkdir()
-    return {"wheel": wheel, "bin": bin_dir, "work": work}
+    """Build the wheel and install it with EXTRAS into a fresh venv, once per test session: under pytest-xdist
+    the first worker builds it in the session's shared folder while the others wait on a lock."""
+    shared = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        shared = shared.parent                 # the session's folder, above the workers' own
+    base = shared / "fracsde-wheel"
+    with open(shared / "fracsde-wheel.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (base / "installed").is_file():
+            base.mkdir(exist_ok=True)
+            _run([sys.executable, "-m", "pip", "wheel", ".", "--no-deps", "-q", "-w", str(base / "dist")], cwd=ROOT)
+            (wheel,) = (base / "dist").glob("fracsde-*.whl")
+            _run([sys.executable, "-m", "venv", "--clear", str(base / "venv")], cwd=base)
+            requirement = f"fracsde[{','.join(EXTRAS)}] @ {wheel.as_uri()}"
+            _run([str(base / "venv" / "bin" / "python"), "-m", "pip", "install", "-q", TORCH, requirement], cwd=base)
+            (base / "installed").write_text(wheel.name)
+    work = tmp_path_factory.mktemp("elsewhere")   # not the repository: imports must come from the venv
+    return {"wheel": base / "dist" / (base / "installed").read_text(), "bin": base / "venv" / "bin", "work": work}
 
 
 def _python(installed: dict, code: str) -> str:
