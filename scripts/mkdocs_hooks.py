@@ -65,6 +65,10 @@ def on_page_markdown(markdown: str, page, config, files) -> str:
     return API_MARKER.sub(blocks, markdown)
 
 
+def on_pre_build(config) -> None:
+    _anchors.clear()                     # `mkdocs serve` rebuilds in the same process
+
+
 def on_page_content(html: str, page, config, files) -> str:
     for object_id in OBJECT_ID.findall(html):
         _anchors.setdefault(object_id, page.url)
@@ -72,7 +76,8 @@ def on_page_content(html: str, page, config, files) -> str:
 
 
 def _resolve(name: str) -> str | None:
-    """The one rendered object id that ``name`` or its shortest unambiguous trailing part names, if any."""
+    """The rendered object id named by the longest trailing part of ``name`` that names any (None if that part
+    names several: shorter parts would only name more)."""
     parts = name.split(".")
     for k in range(len(parts)):
         suffix = ".".join(parts[k:])
@@ -80,7 +85,7 @@ def _resolve(name: str) -> str | None:
         if len(found) == 1:
             return found[0]
         if found:
-            return None                  # ambiguous: a longer suffix did not decide it either
+            return None
     return None
 
 
