@@ -8,8 +8,9 @@
 
 See docs/roughvol.md for the maths, the checks and the measured figures.
 """
+from .calibrate import CalibrationReport, calibrate
 from .implied import ArbitrageWarning, black_price, implied_vol
 from .models import MARKOV_DEFAULTS, RoughBergomi, RoughHeston, Smile
 
-__all__ = ["RoughBergomi", "RoughHeston", "Smile", "MARKOV_DEFAULTS", "implied_vol", "black_price",
-           "ArbitrageWarning"]
+__all__ = ["RoughBergomi", "RoughHeston", "Smile", "MARKOV_DEFAULTS", "calibrate", "CalibrationReport",
+           "implied_vol", "black_price", "ArbitrageWarning"]

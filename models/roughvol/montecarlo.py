@@ -8,7 +8,8 @@ W the Brownian motion that drives the variance, W⊥ an independent one drawn he
 
 Estimators (:class:`PriceAccumulator`): out-of-the-money payoffs (put for k < 0, call for k ≥ 0), optionally
 averaged over antithetic pairs, with the spot itself as control variate (E S_T = 1 exactly, also for every
-approximation used here): X − β(S_T − 1), β the in-sample regression coefficient (held fixed for gradients).
+approximation used here): X − β(S_T − 1), β the in-sample regression coefficient. The estimator is differentiated as
+a whole (β included), so its gradient is exactly that of the reported price.
 """
 from __future__ import annotations
 
@@ -77,10 +78,8 @@ class PriceAccumulator:
 
     def add(self, log_s: torch.Tensor) -> None:
         x, c = self._payoffs(log_s)
-        cd = c.detach()
-        xd = x.detach()
-        new = {"x": x.sum(dim=1), "c": c.sum(dim=1), "xx": (xd * xd).sum(dim=1), "cc": (cd * cd).sum(dim=1),
-               "xc": (xd * cd[..., None]).sum(dim=1)}
+        new = {"x": x.sum(dim=1), "c": c.sum(dim=1), "xx": (x * x).sum(dim=1), "cc": (c * c).sum(dim=1),
+               "xc": (x * c[..., None]).sum(dim=1)}
         self.sums = new if self.sums is None else {key: self.sums[key] + new[key] for key in new}
         self.n += x.shape[1]
 
@@ -89,16 +88,16 @@ class PriceAccumulator:
         n = self.n
         sm = self.sums
         mx, mc = sm["x"] / n, sm["c"] / n                               # (M, S), (M,)
-        mxd, mcd = mx.detach(), mc.detach()
-        var_x = (sm["xx"] / n - mxd ** 2).clamp(min=0.0) * n / max(n - 1, 1)
-        var_c = (sm["cc"] / n - mcd ** 2).clamp(min=0.0) * n / max(n - 1, 1)
-        cov_xc = (sm["xc"] / n - mxd * mcd[:, None]) * n / max(n - 1, 1)
+        var_x = (sm["xx"] / n - mx ** 2).clamp(min=0.0) * n / max(n - 1, 1)
+        var_c = (sm["cc"] / n - mc ** 2).clamp(min=0.0) * n / max(n - 1, 1)
+        cov_xc = (sm["xc"] / n - mx * mc[:, None]) * n / max(n - 1, 1)
         if self.control_variate:
             beta = torch.where(var_c[:, None] > 0, cov_xc / var_c[:, None].clamp(min=1e-300), torch.zeros_like(cov_xc))
             price = mx - beta * mc[:, None]
             var = (var_x - 2 * beta * cov_xc + beta ** 2 * var_c[:, None]).clamp(min=0.0)
         else:
             price, var = mx, var_x
+        var, var_x = var.detach(), var_x.detach()
         se = torch.sqrt(var / n)
         gain = torch.where(var > 0, var_x / var.clamp(min=1e-300), torch.ones_like(var))
         return price, se, {"control_variance_ratio": gain, "samples": n}
