@@ -189,6 +189,16 @@ def test_compare_prints_one_table(tmp_path, env, capsys, monkeypatch):
         assert "| VP |" in t and "| FVP(H=0.9,K=3) |" in t and "offline FID" in t and "VS_p" in t
     assert "offline FID: offline FID" not in table and "\noffline FID (features of" in table
     assert (out / "grid-vp.png").is_file() and (out / "grid-fvp-h-0-9-k-3.png").is_file()
+    # the two FVP(0.9, 3) rows are told apart wherever they are named; the table says what it does not show
+    assert "training FVP(H=0.9,K=3) on" in text
+    assert "training FVP(H=0.9,K=3) [time_sampling=like:vp, precondition=edm] on" in text
+    assert "| FVP(H=0.9,K=3) [time_sampling=like:vp, precondition=edm] |" in text
+    for t in (text, table):
+        assert "± : bootstrap standard deviation of the FID" in t and "NOT comparable across rows" in t
+    from PIL import Image
+
+    grid = np.asarray(Image.open(out / "grid-vp.png"))
+    assert grid.shape[1] >= 8 * 64 and (grid[:14] < 128).any()       # 60 samples at 64 px each, a title band
     rows = json.loads((out / "compare.json").read_text())["rows"]
     assert [r["label"] for r in rows[:2]] == ["VP", "FVP(H=0.9,K=3)"] and all(r["step"] == 20 for r in rows[:2])
     assert all(np.isfinite(r["fid"]) and r["fid_bootstrap_std"] > 0 and r["train_time_s"] > 0 for r in rows[:2])

@@ -306,7 +306,8 @@ class RunSpec:
 
     @property
     def label(self) -> str:
-        extra = ", ".join(f"{k}={v}" for k, v in self.recipe.items())
+        """For people: the dynamics' label and the recipe in :data:`RECIPE_KEYS` order (the training run's label)."""
+        extra = ", ".join(f"{k}={self.recipe[k]}" for k in RECIPE_KEYS if k in self.recipe)
         return f"{self.dynamics.label} [{extra}]" if extra else self.dynamics.label
 
     @property
