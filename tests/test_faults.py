@@ -653,3 +653,28 @@ def test_demo_prints_its_tables_without_warnings_and_marks_the_large_errors(tmp_
         warnings.simplefilter("error")           # an ApproximationWarning between the tables fails here
         table = error_table("type1")
     assert "| 0.9 | 9.51e-01* | 7.03e-01* |" in table and "* relative error above 0.5" in table
+
+
+def test_fid_features_stream_in_batches_with_progress_bars(tmp_path, capsys):
+    import numpy as np
+
+    from models.gfdm.data import load_dataset
+    from models.gfdm.metrics.common import feature_batches
+    from models.gfdm.metrics.fid import FeatureStats, reference_stats
+
+    data = load_dataset("digits")
+    seen = []
+
+    def extractor(images, progress=None):          # a stand-in feature network: four pixels per image
+        seen.append(images.shape[0])
+        return images.reshape(images.shape[0], -1)[:, 20:24].double().numpy()
+
+    extractor.id = "four-pixels"
+    stats = reference_stats(extractor, data, cache_dir=tmp_path, progress=True, chunk=400)
+    assert max(seen) == 400 and sum(seen) == len(data)          # never all 1500 images at once
+    assert "FID features of the reference (1500 digits images)" in capsys.readouterr().err
+    whole = FeatureStats.from_features(extractor(data.all_float()))
+    np.testing.assert_allclose(stats.mu, whole.mu, rtol=1e-12)
+    np.testing.assert_allclose(stats.sigma, whole.sigma, rtol=1e-10)
+    sizes = [b.shape[0] for b in feature_batches(torch.zeros(70, 1, 8, 8), 32, progress="FID features of 70")]
+    assert sizes == [32, 32, 6] and "FID features of 70" in capsys.readouterr().err
