@@ -264,3 +264,32 @@ def test_bad_smile_arguments_are_named():
         model.smile(K_HESTON, -1.0)
     with pytest.raises(ValueError, match="paths must be an integer >= 2"):
         RoughBergomi(**MP).smile(K_MP, 0.25, paths=1)
+
+
+# ------------------------------------------------------------------------------------------------ CLI
+def test_cli_prints_the_table_and_writes_the_figure(tmp_path, capsys):
+    from models.roughvol.cli import main
+
+    out = tmp_path / "smile.png"
+    rc = main(["smile", "--model", "rbergomi", "--method", "exact", "--compare", "markov", "--num-processes", "4",
+               "--paths", "512", "--steps", "16", "--strikes=-0.1,0,0.1", "--out", str(out), "--no-progress"])
+    text = capsys.readouterr().out
+    assert rc == 0 and out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "exact vol" in text and "markov vol" in text and len([ln for ln in text.splitlines()
+                                                                   if ln.strip().startswith(("-0.1", "0.0"))]) == 3
+    rc = main(["smile", "--model", "rheston", "--method", "fourier", "--strikes", "0", "--out", str(out)])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.count("\n") == 1 and "pass --overwrite" in err
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--hurst", "0.8"], "hurst must lie in (0, 0.5]; got 0.8"),
+    (["--model", "rheston", "--method", "exact"], "must be one of fourier, markov; got 'exact'"),
+    (["--maturity", "0"], "maturity must be finite and > 0"),
+])
+def test_cli_bad_input_is_one_line(tmp_path, capsys, argv, message):
+    from models.roughvol.cli import main
+
+    rc = main(["smile", "--out", str(tmp_path / "x.png"), *argv])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.count("\n") == 1 and message in err, err
