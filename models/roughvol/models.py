@@ -206,7 +206,7 @@ class _RoughModel:
 
     @classmethod
     def _defaults(cls) -> dict:
-        return MARKOV_DEFAULTS[cls.__name__]
+        return next(MARKOV_DEFAULTS[c.__name__] for c in cls.__mro__ if c.__name__ in MARKOV_DEFAULTS)
 
     def _markov_options(self, num_processes, rates) -> dict:
         return {"num_processes": num_processes or self._defaults()["num_processes"],

@@ -1,0 +1,134 @@
+"""Rough Bergomi Monte Carlo: fracsde's Markov paths against the exact (Cholesky) method and the hybrid scheme.
+
+Two tables, all in one process (the machine is shared and noisy; each timing is the min of --repeats rounds, the
+methods interleaved round by round):
+
+1. Time per smile at equal paths, Markov vs exact, at 128 / 512 / 2048 steps (McCrickerd & Pakkanen's case:
+   H = 0.07, η = 1.9, ρ = −0.9, ξ = 0.235², T = 0.25), with the ratio exact / Markov.
+2. At 256 steps: the smile of each method against the exact one on the same grid (difference and its combined
+   standard error), and the time — so that methods are compared at equal bias. The hybrid scheme of Bennedsen,
+   Lunde & Pakkanen (2017, κ = 1; written here) is the speed peer users know.
+
+Run:
+    .venv/bin/python benchmarks/bench_roughvol.py --threads 1
+    .venv/bin/python benchmarks/bench_roughvol.py --threads 1 --paths 8192 --bias-paths 65536 --repeats 1   # quick
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import time
+
+import torch
+
+from models.roughvol import RoughBergomi
+
+CASE = {"hurst": 0.07, "xi": 0.235 ** 2, "eta": 1.9, "rho": -0.9}
+T = 0.25
+K_SMILE = torch.tensor([-0.1787, 0.0, 0.1041], dtype=torch.float64)
+
+
+class HybridBergomi(RoughBergomi):
+    """Rough Bergomi with Y from the hybrid scheme (Bennedsen, Lunde & Pakkanen 2017), κ = 1.
+
+    On t_i = i h, α = H − ½: Y_i = √(2H) (Z_i + Σ_{k=2}^{i} (b_k h)^α ΔW_{i−k+1}),
+    Z_i = ∫_{t_{i−1}}^{t_i} (t_i − s)^α dW_s drawn exactly with ΔW_i (Var ΔW = h, Cov = h^{α+1}/(α+1),
+    Var Z = h^{2α+1}/(2α+1)), b_k the optimal evaluation points ((k^{α+1} − (k−1)^{α+1})/(α+1))^{1/α}; the sum is a convolution, done by FFT (O(N log N)).
+    Var Y_t is taken as t^{2H} (the model's), as in McCrickerd & Pakkanen's code.
+    """
+
+    def _path_sampler(self, method, ts, markov):
+        if method != "hybrid":
+            return super()._path_sampler(method, ts, markov)
+        H, xi, eta = float(self.hurst), float(self.xi), float(self.eta)
+        a = H - 0.5
+        N = ts.numel() - 1
+        h = float(ts[1] - ts[0])
+        cov = torch.tensor([[h, h ** (a + 1) / (a + 1)], [h ** (a + 1) / (a + 1), h ** (2 * a + 1) / (2 * a + 1)]],
+                           dtype=torch.float64)
+        L = torch.linalg.cholesky(cov)
+        k = torch.arange(2, N + 1, dtype=torch.float64)
+        b = ((k ** (a + 1) - (k - 1) ** (a + 1)) / (a + 1)) ** (1 / a)
+        gamma = torch.cat([torch.zeros(1, dtype=torch.float64), (b * h) ** a])          # Γ_1 = 0, Γ_k, k ≥ 2
+        n_fft = 2 * N
+        gamma_hat = torch.fft.rfft(gamma, n=n_fft)
+        var_y = ts[:-1] ** (2 * H)
+
+        def variance(y):
+            return xi * torch.exp(eta * y - 0.5 * eta * eta * var_y)
+
+        def sample(n, g):
+            z = torch.randn(n, N, 2, generator=g, dtype=torch.float64) @ L.T
+            dw, zz = z[..., 0], z[..., 1]
+            conv = torch.fft.irfft(torch.fft.rfft(dw, n=n_fft) * gamma_hat, n=n_fft)[:, :N]   # Σ_j Γ_{i−j+1} ΔW_j
+            y = math.sqrt(2 * H) * (zz + conv)                                          # Y_1..Y_N
+            y_left = torch.cat([y.new_zeros(n, 1), y[:, :-1]], dim=1)
+            return variance(y_left), dw, lambda v, d: (variance(-y_left), -d)
+
+        return sample
+
+
+def smile(model, method, paths, steps, seed, num_processes):
+    gen = torch.Generator().manual_seed(seed)
+    markov = model._markov_options(num_processes, None)
+    return model._smile_mc(K_SMILE, T, method, paths, steps, gen, True, True, None, False, markov)
+
+
+def measure(methods: dict, repeats: int) -> dict:
+    """{name: min seconds} over ``repeats`` rounds (each round runs every method once, after a warm-up)."""
+    for fn in methods.values():
+        fn()
+    best = {name: math.inf for name in methods}
+    for _ in range(repeats):
+        for name, fn in methods.items():
+            start = time.perf_counter()
+            fn()
+            best[name] = min(best[name], time.perf_counter() - start)
+    return best
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    p.add_argument("--paths", type=int, default=1 << 14, help="paths per timed smile (table 1)")
+    p.add_argument("--steps", type=int, nargs="+", default=[128, 512, 2048], help="time steps (table 1)")
+    p.add_argument("--num-processes", type=int, nargs="+", default=[8, 16], help="Markov K values")
+    p.add_argument("--bias-paths", type=int, default=1 << 17, help="paths per smile in the bias table (table 2)")
+    p.add_argument("--repeats", type=int, default=2, help="timing rounds (min is reported)")
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    model = HybridBergomi(**CASE)
+    print(f"rough Bergomi {CASE}, T = {T}, threads = {args.threads}, {torch.__version__}")
+
+    print(f"\n1. seconds per smile, {args.paths} paths (antithetic, control variate), min of {args.repeats}")
+    names = ["exact"] + [f"markov K={K}" for K in args.num_processes] + ["hybrid"]
+    print(f"{'steps':>6} " + " ".join(f"{n:>13}" for n in names) + "  " +
+          " ".join(f"{'exact/' + n.split()[-1]:>13}" for n in names[1:]))
+    for n_steps in args.steps:
+        methods = {"exact": lambda s=n_steps: smile(model, "exact", args.paths, s, args.seed, None)}
+        for K in args.num_processes:
+            methods[f"markov K={K}"] = lambda s=n_steps, K=K: smile(model, "markov", args.paths, s, args.seed, K)
+        methods["hybrid"] = lambda s=n_steps: smile(model, "hybrid", args.paths, s, args.seed, None)
+        t = measure(methods, args.repeats)
+        print(f"{n_steps:>6} " + " ".join(f"{t[n]:13.3f}" for n in names) + "  " +
+              " ".join(f"{t['exact'] / t[n]:13.2f}" for n in names[1:]), flush=True)
+
+    steps = 256
+    print(f"\n2. at {steps} steps, {args.bias_paths} paths each: vol difference to exact on the same grid "
+          f"(k = {K_SMILE.tolist()}), in units of the combined standard error, and seconds")
+    ref = smile(model, "exact", args.bias_paths, steps, args.seed + 1, None)
+    print(f"{'exact':>13}: vols {[round(float(v), 4) for v in ref.implied_vol]}  s.e. "
+          f"{[round(float(v), 4) for v in ref.std_error]}  {ref.info['seconds']:.1f} s")
+    for name in names[1:]:
+        method = name.split()[0]
+        K = int(name.split("=")[1]) if "=" in name else None
+        s = smile(model, method, args.bias_paths, steps, args.seed + 2, K)
+        d = s.implied_vol - ref.implied_vol
+        z = d / (s.std_error ** 2 + ref.std_error ** 2).sqrt()
+        print(f"{name:>13}: diff {[f'{float(x):+.4f}' for x in d]}  z {[f'{float(x):+.1f}' for x in z]}  "
+              f"{s.info['seconds']:.1f} s", flush=True)
+
+
+if __name__ == "__main__":
+    main()
