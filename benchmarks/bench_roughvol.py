@@ -33,7 +33,8 @@ class HybridBergomi(RoughBergomi):
 
     On t_i = i h, α = H − ½: Y_i = √(2H) (Z_i + Σ_{k=2}^{i} (b_k h)^α ΔW_{i−k+1}),
     Z_i = ∫_{t_{i−1}}^{t_i} (t_i − s)^α dW_s drawn exactly with ΔW_i (Var ΔW = h, Cov = h^{α+1}/(α+1),
-    Var Z = h^{2α+1}/(2α+1)), b_k the optimal evaluation points ((k^{α+1} − (k−1)^{α+1})/(α+1))^{1/α}; the sum is a convolution, done by FFT (O(N log N)).
+    Var Z = h^{2α+1}/(2α+1)), b_k the optimal evaluation points ((k^{α+1} − (k−1)^{α+1})/(α+1))^{1/α};
+    the sum is a convolution, done by FFT (O(N log N)).
     Var Y_t is taken as t^{2H} (the model's), as in McCrickerd & Pakkanen's code.
     """
 
