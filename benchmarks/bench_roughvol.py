@@ -183,10 +183,8 @@ def calibration_table(args):
           f"evaluation, k = {k.tolist()}, T = {mats.tolist()}")
     for label, target_seed, target_paths in (("same random numbers", seed, paths),
                                              ("independent surface", seed + 100, 1 << 15)):
-        gen = torch.Generator().manual_seed(target_seed)
-        otm, se, _ = truth._mc_prices(k, mats, "markov", target_paths, steps, gen, True, True, None, False,
-                                      {"num_processes": CALIBRATION_PROCESSES, "rates": rates})
-        target = truth._prices_and_vols(k[None].expand(3, -1), mats, otm, se)[2].detach()
+        target, _ = truth.surface(k, mats, target_paths, steps, torch.Generator().manual_seed(target_seed),
+                                  CALIBRATION_PROCESSES, rates)
         for optimizer in ("adam", "nelder-mead"):
             fit = calibrate(start, k, mats, target, generator=torch.Generator().manual_seed(seed), paths=paths,
                             steps=steps, iterations=300, rates=rates, optimizer=optimizer, verbose=False)

@@ -151,9 +151,7 @@ def calibrate(model: _RoughModel, log_strikes, maturities, implied_vol, params=(
         h = float(torch.as_tensor(values.get("hurst", fixed["hurst"])).detach())
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", ArbitrageWarning)        # a NaN vol is masked below
-            otm, se, _ = m._mc_prices(k, mats, "markov", paths, steps, generator, True, True, None, False,
-                                      {"num_processes": K, "rates": current_rates(h)})
-            _, _, vol, _ = m._prices_and_vols(k[None, :].expand(mats.numel(), -1), mats, otm, se)
+            vol, _ = m.surface(k, mats, paths, steps, generator, K, current_rates(h), torch.float64)
         ok = usable & torch.isfinite(vol)
         if not bool(ok.any()):
             return torch.tensor(math.inf, dtype=torch.float64)
