@@ -138,7 +138,7 @@ def strong_order(paths: int = 2000) -> str:
     slope = float(np.polyfit(np.log(dts), np.log(errs), 1)[0])
     lines = ["\n4. strong error of exponential_euler on an Itô fGBM (geometric K=3, H=0.7, 2000 paths)",
              "| dt | E|X_1 - exact| |", "|---|---|"]
-    lines += [f"| 2^-{int(round(-math.log2(dt)))} | {e:.3e} |" for dt, e in zip(dts, errs)]
+    lines += [f"| 2^-{int(round(-math.log2(dt)))} | {e:.3e} |" for dt, e in zip(dts, errs, strict=True)]
     lines.append(f"fitted strong order (slope of log error on log dt): {slope:.2f}")
     return "\n".join(lines)
 

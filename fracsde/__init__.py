@@ -1,13 +1,13 @@
 """fracsde: stochastic differential equations driven by fractional Brownian motion, in PyTorch."""
 from ._warnings import ApproximationWarning, FracsdeWarning, IllConditionedWarning, PriorMismatchWarning
 from .fbm import FractionalBrownianMotion
-from .noise import MarkovNoise
-from .markov import MarkovApproxFBM, geometric_gammas, optimal_weights
-from .rules import RATE_RULES, RateRule, markov_rates, strong_error
-from .volterra import VolterraSDE, volterra_sdeint
 from .linear import LinearFractionalDynamics, VESchedule, VPSchedule
+from .markov import MarkovApproxFBM, geometric_gammas, optimal_weights
+from .noise import MarkovNoise
 from .reverse import ReverseTimeSDE, euler_maruyama
+from .rules import RATE_RULES, RateRule, markov_rates, strong_error
 from .sde import FractionalSDE, NonFiniteStateError, StiffnessWarning, default_method, sdeint, supported_methods
+from .volterra import VolterraSDE, volterra_sdeint
 
 try:  # the installed distribution's version (pyproject.toml); a bare source tree has no metadata
     from importlib.metadata import PackageNotFoundError as _NoMetadata

@@ -151,7 +151,7 @@ def main(argv=None) -> int:
     except ValueError as e:
         print(f"fracsde-demo: error: --gamma-max {args.gamma_max:g}: {e}", file=sys.stderr)
         return 2
-    print("MA-fBM relative L2 error on [0, 1] (gamma_max = %g; weights solved in float64)\n" % args.gamma_max)
+    print(f"MA-fBM relative L2 error on [0, 1] (gamma_max = {args.gamma_max:g}; weights solved in float64)\n")
     for table in tables:
         print(table)
         print()

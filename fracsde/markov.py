@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import NamedTuple, Optional
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -126,9 +126,13 @@ class MarkovApproxFBM(MarkovNoise):
         0.0763
     """
 
+    _hurst: torch.Tensor
+    _relative_error: torch.Tensor
+    hurst_logit: nn.Parameter
+
     def __init__(self, hurst: float, num_processes: int = 3, gamma_max: float = 20.0,
                  gammas=None, kind: str = "type2", horizon: float = 1.0, learnable_hurst: bool = False,
-                 rates: str = "geometric", max_rate: Optional[float] = None):
+                 rates: str = "geometric", max_rate: float | None = None):
         if isinstance(hurst, torch.Tensor) and hurst.numel() != 1:
             raise ValueError(f"hurst must be a single Hurst index (a noise drives one process); got a tensor of shape "
                              f"{tuple(hurst.shape)}. For many H use fracsde.optimal_weights(hurst_tensor, gammas) or "
@@ -251,6 +255,7 @@ class MarkovApproxFBM(MarkovNoise):
                             dtype=torch.float64)
 
     def extra_repr(self) -> str:
-        return (f"hurst={float(self.hurst.detach()):.4g}, num_processes={self.num_processes}, rates={self.rate_rule!r}, "
+        return (f"hurst={float(self.hurst.detach()):.4g}, num_processes={self.num_processes}, "
+                f"rates={self.rate_rule!r}, "
                 f"kind={self.kind!r}, "
                 f"gamma_max={self.gamma_max:g}, horizon={self.horizon:g}, learnable_hurst={self.learnable_hurst}")

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import math
 from collections import OrderedDict
-from typing import Optional
 
 import numpy as np
 import torch
@@ -24,7 +23,8 @@ from . import _validation as V
 from .kinds import get_kind
 from .numerics import is_uniform_grid, psd_factor
 
-__all__ = ["MarkovNoise", "check_rates", "step_covariance", "cancellation", "SAMPLE_METHODS", "INNOVATION_BLOCK", "MAX_CANCELLATION",
+__all__ = ["MarkovNoise", "check_rates", "step_covariance", "cancellation", "SAMPLE_METHODS", "INNOVATION_BLOCK",
+           "MAX_CANCELLATION",
            "REDUCED_PRECISION_CANCELLATION"]
 
 #: Refuse weights whose sum Σ ω_k Y_k cancels so much that Var B̂ = ωᵀΣω loses more than 13 of float64's 16
@@ -168,7 +168,7 @@ def _innovations_plan(grid: torch.Tensor, gammas: torch.Tensor, weights: torch.T
             "carry_gain": carry, "block": C, "cast": {}}
 
 
-def _apply_innovations(ops: dict, z: torch.Tensor, first: int = 0, carry: Optional[torch.Tensor] = None,
+def _apply_innovations(ops: dict, z: torch.Tensor, first: int = 0, carry: torch.Tensor | None = None,
                        work=None):
     """B̂ on the blocks first..first+G−1, (G, batch, C), from their normals z (G, batch, C): the plan's linear map.
 
@@ -219,6 +219,9 @@ class MarkovNoise(nn.Module):
         >>> noise = MarkovNoise([0.5, 4.0], [1.0, -0.3])
         >>> paths = noise.sample(torch.linspace(0, 1, 101), batch_size=8)   # (8, 101)
     """
+
+    gammas: torch.Tensor
+    _weights: torch.Tensor
 
     def __init__(self, gammas, weights, kind: str = "type2", horizon: float = 1.0):
         super().__init__()
@@ -287,7 +290,8 @@ class MarkovNoise(nn.Module):
         t = torch.as_tensor(t, dtype=torch.float64, device=g.device)
         for name, v in (("s", s), ("t", t)):
             if not bool(torch.isfinite(v).all()) or bool((v < 0).any()):
-                raise ValueError(f"covariance: {name} must be finite and >= 0; got {v.tolist() if v.numel() < 8 else v}")
+                shown = v.tolist() if v.numel() < 8 else v
+                raise ValueError(f"covariance: {name} must be finite and >= 0; got {shown}")
         s, t = torch.broadcast_tensors(s, t)
         w = self.weights.to(torch.float64)
         cross = get_kind(self.kind).state_cross_covariance(g, s, t)
@@ -296,8 +300,8 @@ class MarkovNoise(nn.Module):
         return torch.where(s == t, cov.clamp(min=0.0), cov)
 
     # ------------------------------------------------------------------ sampling
-    def initial_state(self, batch_size: int, generator: Optional[torch.Generator] = None,
-                      dtype: Optional[torch.dtype] = None, device=None) -> torch.Tensor:
+    def initial_state(self, batch_size: int, generator: torch.Generator | None = None,
+                      dtype: torch.dtype | None = None, device=None) -> torch.Tensor:
         """(batch, K) OU states at t = 0, drawn from :meth:`initial_covariance` (zeros for type II)."""
         V.check_batch_size(batch_size)
         dtype = V.sampling_dtypes(dtype)[1]
@@ -314,8 +318,8 @@ class MarkovNoise(nn.Module):
         y = get_kind(self.kind).read_out(states, initial)
         return y @ self.weights.to(y.dtype)
 
-    def sample(self, ts, batch_size: int, generator: Optional[torch.Generator] = None,
-               dtype: Optional[torch.dtype] = None, device=None, return_state: bool = False, method: str = "auto",
+    def sample(self, ts, batch_size: int, generator: torch.Generator | None = None,
+               dtype: torch.dtype | None = None, device=None, return_state: bool = False, method: str = "auto",
                return_brownian: bool = False):
         """Sample B̂ on a strictly increasing grid, exact in law (no time-stepping error) for any rates and K.
 

@@ -17,7 +17,8 @@ import math
 import numpy as np
 import torch
 
-__all__ = ["psd_factor", "graded_psd_factor", "jittered_cholesky", "is_uniform_grid", "UNIFORM_GRID_ULPS", "augmented_system",
+__all__ = ["psd_factor", "graded_psd_factor", "jittered_cholesky", "is_uniform_grid", "UNIFORM_GRID_ULPS",
+           "augmented_system",
            "discretize_linear_sde", "check_shape", "log_linear_grid", "log_linear_grid_times"]
 
 #: Steps count as equal when they differ by at most this many ulps of the grid's largest time: the rounding

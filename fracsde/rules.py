@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import math
 import threading
-from typing import NamedTuple, Optional
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -160,7 +160,7 @@ def kernel_projection(hurst, rates, horizon: float = 1.0) -> torch.Tensor:
     fixed). Returns (K,) float64. The Jacobi-scaled Cholesky factor is formed once from the rates, so gradients
     in H are those of a well-conditioned triangular solve.
     """
-    from .special import gammainc       # torch, differentiable in its first argument
+    from .special import gammainc  # torch, differentiable in its first argument
 
     g = torch.as_tensor(rates, dtype=torch.float64).detach()
     G = torch.from_numpy(_gram(g.cpu().numpy(), horizon)).to(g.device)
@@ -227,7 +227,7 @@ _CACHE: dict = {}
 _LOCK = threading.Lock()
 
 
-def _optimal_unit(hurst: float, K: int, cap: Optional[float]) -> np.ndarray:
+def _optimal_unit(hurst: float, K: int, cap: float | None) -> np.ndarray:
     """Optimal log-rates on [0, 1] for K processes (cached, with every smaller K of the same chain)."""
     key = (round(hurst, 12), None if cap is None else float(cap))
     with _LOCK:
@@ -256,19 +256,14 @@ def _optimal_unit(hurst: float, K: int, cap: Optional[float]) -> np.ndarray:
                 extra += [x for x in np.log([0.3, 1.0, 3.0, 10.0, 30.0, 100.0])
                           if x <= math.log(upper) and np.min(np.abs(theta - x)) >= sep]
                 candidates += [np.sort(np.append(theta, x)) for x in extra]
-            best = None
-            for start in candidates:
-                sol = _optimise(start, hurst, upper)
-                val = _objective(sol, hurst)[0]
-                if best is None or val < best[0]:
-                    best = (val, sol)
-            theta = best[1]
+            solutions = [_optimise(start, hurst, upper) for start in candidates]
+            theta = min(solutions, key=lambda sol: _objective(sol, hurst)[0])
             chain[k] = theta
         return chain[K]
 
 
 # ------------------------------------------------------------------------------------------------ quadrature
-def _quadrature_unit(hurst: float, K: int, cap: Optional[float]) -> tuple:
+def _quadrature_unit(hurst: float, K: int, cap: float | None) -> tuple:
     """Mean-value quadrature of μ on the geometric partition 0 < ξ_0 < … < ξ_K (Abi Jaber & El Euch 2019).
 
     Cell 0 is (0, ξ_0], cell k is (ξ_{k−1}, ξ_k]; mass c = ∫ μ and rate γ = ∫ x μ / c over each cell, in closed
@@ -301,16 +296,13 @@ def _quadrature_unit(hurst: float, K: int, cap: Optional[float]) -> tuple:
         g, w = rule(ends(params))
         return math.log(max(_strong_error_sq(hurst, g, w, 1.0), 1e-300))
 
-    best = None
-    for lo0 in (-1.0, 1.0):
-        res = optimize.minimize(loss, np.array([lo0, lo0 + 3.0 * K ** 0.5]), method="Nelder-Mead",
-                                options={"xatol": 1e-6, "fatol": 1e-10, "maxiter": 2000})
-        if best is None or res.fun < best.fun:
-            best = res
+    results = [optimize.minimize(loss, np.array([lo0, lo0 + 3.0 * K ** 0.5]), method="Nelder-Mead",
+                                 options={"xatol": 1e-6, "fatol": 1e-10, "maxiter": 2000}) for lo0 in (-1.0, 1.0)]
+    best = min(results, key=lambda res: res.fun)
     return rule(ends(best.x))
 
 
-def _optimal(hurst: float, K: int, cap: Optional[float], horizon: float):
+def _optimal(hurst: float, K: int, cap: float | None, horizon: float) -> tuple[torch.Tensor, torch.Tensor]:
     """(rates, weights) of the optimal rule on [0, horizon] (float64 tensors)."""
     g = torch.from_numpy(np.exp(_optimal_unit(hurst, K, cap))) / horizon
     w = torch.from_numpy(_projection(_gram(g.numpy(), horizon), _inner(hurst, g.numpy(), horizon)))
@@ -323,7 +315,7 @@ def check_rule(rates: str) -> str:
     return V.check_choice(rates, "rates", RATE_RULES)
 
 
-def markov_rates(hurst: float, num_processes: int, rates: str = "geometric", max_rate: Optional[float] = None,
+def markov_rates(hurst: float, num_processes: int, rates: str = "geometric", max_rate: float | None = None,
                  horizon: float = 1.0, kind: str = "type2", gamma_max: float = 20.0) -> RateRule:
     """Rates, weights and both error measures of a Markov approximation of fBM, by rule.
 
@@ -360,7 +352,7 @@ def markov_rates(hurst: float, num_processes: int, rates: str = "geometric", max
                          f"such kernel on [0, T]. Use kind='type2', or rates='geometric' for type I")
     K = int(num_processes)
     if rule == "geometric":
-        from .markov import geometric_gammas, optimal_weights     # the first release's rule, unchanged
+        from .markov import geometric_gammas, optimal_weights  # the first release's rule, unchanged
         if max_rate is not None:
             gamma_max = max_rate * horizon
         gamma_max = V.check_positive_float(gamma_max, "gamma_max", 1.0)

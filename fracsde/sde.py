@@ -20,7 +20,6 @@ from __future__ import annotations
 import math
 import numbers
 import warnings
-from typing import Optional
 
 import torch
 import torchsde
@@ -114,7 +113,7 @@ class FractionalSDE(nn.Module):
 
     sde_type = "stratonovich"
 
-    def __init__(self, noise: MarkovNoise, noise_type: Optional[str] = None, sde_type: Optional[str] = None):
+    def __init__(self, noise: MarkovNoise, noise_type: str | None = None, sde_type: str | None = None):
         super().__init__()
         if not isinstance(noise, MarkovNoise):
             raise TypeError(f"noise must be a fracsde.MarkovNoise (e.g. MarkovApproxFBM(hurst, num_processes)), "
@@ -592,7 +591,7 @@ def _solve_exponential_euler(sde, x0, ts, dt, generator, entropy, return_noise, 
 
     def segment(x, y, z, seg):
         outs = []
-        for (t, h, out), zn in zip(seg, z.unbind(0)):
+        for (t, h, out), zn in zip(seg, z.unbind(0), strict=True):
             decay, L = factors[h]
             y_new = decay * y + zn @ L.T                                 # (batch, m, K), exact OU step
             db = ((y_new - y) @ omega).to(dtype)                        # (batch, m): exact increment of B̂
@@ -636,10 +635,10 @@ def _solve_exponential_euler(sde, x0, ts, dt, generator, entropy, return_noise, 
 # the solve
 # ---------------------------------------------------------------------------------------------
 # sdeint is ~85 lines: ~45 of them document every option; the body delegates to the helpers above.
-def sdeint(sde: FractionalSDE, x0: torch.Tensor, ts, method: Optional[str] = None, dt: float = 1e-3,
-           adaptive: bool = False, adjoint: bool = False, adjoint_method: Optional[str] = None,
+def sdeint(sde: FractionalSDE, x0: torch.Tensor, ts, method: str | None = None, dt: float = 1e-3,
+           adaptive: bool = False, adjoint: bool = False, adjoint_method: str | None = None,
            return_noise: bool = False, return_kl: bool = False, bm=None,
-           generator: Optional[torch.Generator] = None, entropy: Optional[int] = None,
+           generator: torch.Generator | None = None, entropy: int | None = None,
            check_finite: bool = True, adjoint_checkpoints: bool = True, **solver_options):
     """Solve dX = f dt + g dB̂ (B̂ = MA-fBM) on the grid ``ts`` with a torchsde solver.
 

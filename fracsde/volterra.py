@@ -13,7 +13,6 @@ noise's B̂. The rough Heston variance (``models.roughvol``) is such an equation
 from __future__ import annotations
 
 import math
-from typing import Optional
 
 import torch
 from torch import nn
@@ -68,17 +67,17 @@ def _step_operators(gammas: torch.Tensor, h: float, dtype, device):
     return tuple(v.to(dtype=dtype, device=device) for v in (decay, drift, L))
 
 
-def _grid(ts: torch.Tensor, dt: Optional[float]):
+def _grid(ts: torch.Tensor, dt: float | None):
     """(steps per interval, step of each interval): ⌈Δt/dt⌉ equal steps per output interval (1 when dt is None)."""
     spans = torch.diff(ts).tolist()
     if dt is None:
         return [1] * len(spans), spans
     counts = [max(1, math.ceil(s / dt - 1e-9)) for s in spans]
-    return counts, [s / n for s, n in zip(spans, counts)]
+    return counts, [s / n for s, n in zip(spans, counts, strict=True)]
 
 
-def volterra_sdeint(sde: VolterraSDE, x0: torch.Tensor, ts, dt: Optional[float] = None,
-                    generator: Optional[torch.Generator] = None, return_brownian: bool = False,
+def volterra_sdeint(sde: VolterraSDE, x0: torch.Tensor, ts, dt: float | None = None,
+                    generator: torch.Generator | None = None, return_brownian: bool = False,
                     check_finite: bool = True):
     """Solve the lifted Volterra SDE by the exponential scheme on the grid ``ts``.
 
@@ -124,7 +123,7 @@ def volterra_sdeint(sde: VolterraSDE, x0: torch.Tensor, ts, dt: Optional[float] 
     x = x0
     xs, ws = [x0], [W.to(dtype)]
     t = float(ts[0])
-    for i, (n, h) in enumerate(zip(counts, steps)):
+    for i, (n, h) in enumerate(zip(counts, steps, strict=True)):
         if h not in ops:
             ops[h] = _step_operators(gammas, h, work, device)
         decay, drift, L = ops[h]

@@ -5,7 +5,8 @@ import mpmath
 import numpy as np
 import pytest
 import torch
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from scipy import integrate
 
 from fracsde import FractionalBrownianMotion, IllConditionedWarning, MarkovApproxFBM, geometric_gammas, optimal_weights
@@ -42,11 +43,12 @@ def _mpmath_weights_type2(hurst, gammas, T=1.0):
     for i in range(K):
         for j in range(K):
             s = g[i] + g[j]
-            A[i, j] = mpmath.quad(lambda t: (1 - mpmath.exp(-s * t)) / s, [0, T])
+            A[i, j] = mpmath.quad(lambda t, s=s: (1 - mpmath.exp(-s * t)) / s, [0, T])
     # E[B_t Y_k(t)] = 1/Gamma(a) int_0^t u^{a-1} e^{-gamma u} du
     b = mpmath.matrix(K, 1)
     for k in range(K):
-        inner = lambda t: mpmath.quad(lambda u: u ** (a - 1) * mpmath.exp(-g[k] * u), [0, t]) / mpmath.gamma(a)
+        def inner(t, k=k):
+            return mpmath.quad(lambda u: u ** (a - 1) * mpmath.exp(-g[k] * u), [0, t]) / mpmath.gamma(a)
         b[k] = mpmath.quad(inner, [0, T])
     c = mpmath.quad(lambda t: t ** (2 * a - 1) / ((2 * a - 1) * mpmath.gamma(a) ** 2), [0, T])
     w = mpmath.lu_solve(A, b)
@@ -74,11 +76,13 @@ def test_type1_moments_match_quadrature_of_defining_integrals(hurst, gamma):
     norm = math.sqrt(math.gamma(2 * hurst + 1) * math.sin(math.pi * hurst)) / math.gamma(a)
 
     def cov_b_y0(t):  # E[B_t Y(0)] = norm * int_{-inf}^0 [(t-s)^{H-1/2} - (-s)^{H-1/2}] e^{gamma s} ds
-        f = lambda v: ((t + v) ** (a - 1) - v ** (a - 1)) * math.exp(-gamma * v)
+        def f(v):
+            return ((t + v) ** (a - 1) - v ** (a - 1)) * math.exp(-gamma * v)
         return norm * integrate.quad(f, 0, np.inf, limit=200)[0]
 
     def cov_b_yt(t):  # E[B_t Y(t)]
-        f0 = lambda u: u ** (a - 1) * math.exp(-gamma * u)
+        def f0(u):
+            return u ** (a - 1) * math.exp(-gamma * u)
         part1 = integrate.quad(f0, 0, np.inf, limit=200)[0]
         part2 = math.exp(-gamma * t) * part1
         return norm * (part1 - part2)
@@ -97,8 +101,9 @@ def test_error_identity_and_covariance_bound(kind):
     for hurst in (0.3, 0.7):
         noise = MarkovApproxFBM(hurst, 3, kind=kind)
         fbm = FractionalBrownianMotion(hurst, kind)
-        c = integrate.quad(lambda t: float(fbm.variance(t)), 0, T)[0]
-        lhs = integrate.quad(lambda t: float(fbm.variance(t) - noise.covariance(t, t)), 0, T, limit=200)[0]
+        c = integrate.quad(lambda t, fbm=fbm: float(fbm.variance(t)), 0, T)[0]
+        lhs = integrate.quad(lambda t, fbm=fbm, noise=noise: float(fbm.variance(t) - noise.covariance(t, t)), 0, T,
+                             limit=200)[0]
         err = float(noise.approximation_error)
         assert lhs == pytest.approx(err * c, rel=1e-6)
         # midpoint rule on a 200 x 200 grid; its error is far below the bound's slack

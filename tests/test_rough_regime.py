@@ -6,10 +6,19 @@ import mpmath
 import pytest
 import torch
 
-from fracsde import (FractionalSDE, IllConditionedWarning, MarkovApproxFBM, NonFiniteStateError, VolterraSDE, markov_rates, sdeint,
-                     strong_error, volterra_sdeint)
+from fracsde import (
+    FractionalSDE,
+    IllConditionedWarning,
+    MarkovApproxFBM,
+    NonFiniteStateError,
+    VolterraSDE,
+    markov_rates,
+    sdeint,
+    strong_error,
+    volterra_sdeint,
+)
 from fracsde.noise import step_covariance
-from fracsde.rules import kernel_norm, kernel_projection
+from fracsde.rules import kernel_projection
 from stats_helpers import assert_covariance_matches, bonferroni_z
 
 F64 = torch.float64
@@ -33,7 +42,7 @@ def test_optimal_rule_meets_the_published_optimum_and_decreases_strictly():
         bound = 0.0025 if K == 32 else 1.05 * published
         assert rules[K].strong_error <= bound, (K, rules[K].strong_error, published)
     errors = [rules[K].strong_error for K in range(1, 33)]
-    assert all(b < a for a, b in zip(errors, errors[1:])), errors
+    assert all(b < a for a, b in zip(errors[:-1], errors[1:], strict=True)), errors
     assert elapsed < 30.0, f"building K = 1..32 took {elapsed:.1f} s"        # ~0.5 s measured on one thread
     assert all(bool((r.rates[1:] / r.rates[:-1] >= 1.4 - 1e-9).all()) for r in rules.values())
 
@@ -47,8 +56,9 @@ def test_strong_error_agrees_with_a_50_digit_evaluation():
         w = [mpmath.mpf(float(x)) for x in rule.weights]
         a = H + mpmath.mpf("0.5")
         norm2 = 1 / (2 * H * mpmath.gamma(a) ** 2)
-        cross = sum(wi * gi ** (-a) * mpmath.gammainc(a, 0, gi, regularized=True) for wi, gi in zip(w, g))
-        gram = sum(wi * wj * (1 - mpmath.exp(-(gi + gj))) / (gi + gj) for wi, gi in zip(w, g) for wj, gj in zip(w, g))
+        cross = sum(wi * gi ** (-a) * mpmath.gammainc(a, 0, gi, regularized=True) for wi, gi in zip(w, g, strict=True))
+        pairs = list(zip(w, g, strict=True))
+        gram = sum(wi * wj * (1 - mpmath.exp(-(gi + gj))) / (gi + gj) for wi, gi in pairs for wj, gj in pairs)
         exact = float(mpmath.sqrt(norm2 - 2 * cross + gram) / mpmath.sqrt(norm2))
     assert rule.strong_error == pytest.approx(exact, rel=1e-6)
     assert strong_error(0.1, rule.rates, rule.weights) == pytest.approx(exact, rel=1e-6)
@@ -99,7 +109,7 @@ def test_both_error_measures_are_reported():
     assert float(noise.approximation_error) == pytest.approx(rule.approximation_error, rel=1e-9)
     assert 0 < float(noise.approximation_error) < float(ill_conditioned_geometric(0.1, 8, 1e3).approximation_error)
     with pytest.raises(ValueError, match="type II"):
-        MarkovApproxFBM(0.7, 3, kind="type1").strong_error
+        _ = MarkovApproxFBM(0.7, 3, kind="type1").strong_error
 
 
 # --------------------------------------------------------------------------------------------- sampling
@@ -168,7 +178,8 @@ class AdditiveOU(FractionalSDE):
 
 
 def _ou_variance(noise):
-    """Var X_1 of dX = −X dt + ½ dB̂, X_0 = 0: X_1 = ∫ k(1 − u) dW_u with k = ½ Σ ω_k(e^{−r} − γ_k e^{−γ_k r})/(1 − γ_k)."""
+    """Var X_1 of dX = −X dt + ½ dB̂, X_0 = 0: X_1 = ∫ k(1 − u) dW_u,
+    k(r) = ½ Σ ω_k (e^{−r} − γ_k e^{−γ_k r})/(1 − γ_k)."""
     g, w = noise.gammas, noise.weights
     c = 0.5 * w / (1 - g)
     lam = torch.cat([g, torch.ones(1, dtype=F64)])

@@ -6,9 +6,8 @@ import torch
 import torchsde
 
 from fracsde.markov import MarkovApproxFBM
+from fracsde.sde import FractionalSDE, NonFiniteStateError, StiffnessWarning, default_method, sdeint, supported_methods
 from problems import FGBM, Linear
-from fracsde.sde import (FractionalSDE, NonFiniteStateError, StiffnessWarning, default_method, sdeint,
-                         supported_methods)
 
 F64 = torch.float64
 

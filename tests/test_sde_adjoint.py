@@ -136,7 +136,8 @@ def loss_at(hurst, kind, learnable, method="midpoint", adjoint=False):
     noise = MarkovApproxFBM(hurst, num_processes=3, gamma_max=4.0, kind=kind, learnable_hurst=learnable)
     ts = torch.linspace(0, 1, 5, dtype=F64)
     # common random numbers: one generator seed draws the same W (entropy) and type I start for every H
-    xs = sdeint(AdditiveOU(noise, theta=1.0, sigma=0.7, sde_type="stratonovich"), torch.ones(64, 1, dtype=F64), ts, method=method, dt=2 ** -6, adjoint=adjoint,
+    xs = sdeint(AdditiveOU(noise, theta=1.0, sigma=0.7, sde_type="stratonovich"), torch.ones(64, 1, dtype=F64), ts,
+                method=method, dt=2 ** -6, adjoint=adjoint,
                 generator=torch.Generator().manual_seed(4))
     return (xs[-1] ** 2).mean() + xs[2].mean(), noise
 

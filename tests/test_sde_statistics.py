@@ -12,10 +12,11 @@ import pytest
 import scipy.linalg
 import torch
 import torchsde
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from fracsde.markov import MarkovApproxFBM
-from fracsde.sde import FractionalSDE, sdeint
+from fracsde.sde import sdeint
 from problems import AdditiveOU, DiagonalFGBM, PlainMAFBM
 from stats_helpers import assert_covariance_matches, bonferroni_z
 
