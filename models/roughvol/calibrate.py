@@ -14,6 +14,7 @@ import math
 import time
 import warnings
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -132,7 +133,7 @@ def calibrate(model: _RoughModel, log_strikes, maturities, implied_vol, params=(
     start = {n: fixed[n] for n in names}
     from fracsde import markov_rates
 
-    rule = {"hurst": fixed["hurst"], "rates": None}
+    rule: dict[str, Any] = {"hurst": fixed["hurst"], "rates": None}
 
     def current_rates(h: float):
         if not isinstance(rates, str):
@@ -172,7 +173,7 @@ def calibrate(model: _RoughModel, log_strikes, maturities, implied_vol, params=(
         # the learning rate decays tenfold over the run: fast moves from a distant start, then the narrow valley
         # along which H and η trade off
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: 0.1 ** (i / max(iterations, 1)))
-        best = (math.inf, None)
+        best: tuple[float, torch.Tensor] = (math.inf, x.detach().clone())
         it = 0
         for it in range(1, iterations + 1):
             opt.zero_grad()

@@ -46,8 +46,8 @@ def _strikes(text: str) -> list[float]:
     """``a:b:n`` (n equally spaced log-strikes from a to b) or a comma-separated list."""
     try:
         if ":" in text:
-            a, b, n = text.split(":")
-            n = int(n)
+            a, b, count = text.split(":")
+            n = int(count)
             if n < 1:
                 raise ValueError
             return [float(a) + (float(b) - float(a)) * i / max(n - 1, 1) for i in range(n)]

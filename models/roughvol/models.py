@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -117,6 +118,10 @@ class _RoughModel:
     """Shared parameter handling and the Monte Carlo driver of both models."""
 
     _names: tuple = ()
+    hurst: Any
+    rho: Any
+    #: set on the model :func:`models.roughvol.calibrate` returns: its :class:`CalibrationReport`
+    report: Any = None
 
     def parameters_dict(self) -> dict:
         """The model's parameters by name (floats, or tensors as given)."""
