@@ -33,7 +33,7 @@ def compare_printed(expected: str, actual: str, where: str) -> None:
     exp_words = NUMBER.sub("#", " ".join(expected.split()))
     act_words = NUMBER.sub("#", " ".join(actual.split()))
     assert exp_words == act_words, f"{where} prints\n{actual}\nbut the page shows\n{expected}"
-    for e, a in zip(NUMBER.findall(expected), NUMBER.findall(actual)):
+    for e, a in zip(NUMBER.findall(expected), NUMBER.findall(actual), strict=True):
         ev, av = (float(x.replace("−", "-")) for x in (e, a))
         assert math.isclose(ev, av, abs_tol=2 * _unit(e)), (f"{where} prints {a} where the page shows {e}:\n"
                                                             f"{actual}")

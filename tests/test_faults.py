@@ -471,8 +471,6 @@ def _disk_full(*a, **k):
 
 @pytest.mark.parametrize("command", ["train", "sample", "evaluate"])
 def test_a_full_disk_is_one_line_and_leaves_no_partial_file(run, tmp_path, capsys, monkeypatch, command):
-    import os
-
     import models.gfdm.runfiles as runfiles
 
     ckpt = str(run / "checkpoint.pt")

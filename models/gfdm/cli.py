@@ -28,8 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .runfiles import RunLockedError, atomic_write, check_unlocked, disk_error, run_lock, sweep_temporaries, \
-    write_text
+from .runfiles import RunLockedError, atomic_write, check_unlocked, disk_error, run_lock, sweep_temporaries, write_text
 
 __all__ = ["main", "build_parser"]
 
@@ -323,6 +322,8 @@ def _typed(sub: argparse.ArgumentParser, argv: list) -> set:
 
 def parse_args(argv=None) -> argparse.Namespace:
     """The arguments; ``args.given`` holds the settings the user gave (typed flags and config-file keys)."""
+    from .config import settings_only
+
     parser, subs = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
@@ -334,15 +335,9 @@ def parse_args(argv=None) -> argparse.Namespace:
         except _ArgError as e:
             subs[args.command].error(str(e))
         args = parser.parse_args(argv)
-        given |= set(values) if args.command != "train" else set(_settings(values))
+        given |= set(values) if args.command != "train" else set(settings_only(values))
     args.given = given
     return args
-
-
-def _settings(values: dict) -> dict:
-    from .config import settings_only
-
-    return settings_only(values)
 
 
 # -------------------------------------------------------------------------------------------- commands
@@ -516,8 +511,8 @@ def _cmd_evaluate(args, ctx, log):
 
 
 def _evaluate(args, ctx, log, out: Path, x, dataset, seconds) -> int:
-    from .data import load_dataset
     from .checkpoint import load_for_sampling
+    from .data import load_dataset
     from .evaluate import evaluate_samples, nll_bits_per_dim
 
     state = None

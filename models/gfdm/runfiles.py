@@ -16,12 +16,12 @@ import errno
 import fcntl
 import os
 import tempfile
+from collections.abc import Callable, Iterable
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Iterable
 
-__all__ = ["RunLockedError", "run_lock", "check_unlocked", "atomic_write", "write_text", "sweep_temporaries", "disk_error",
-           "DISK_FULL"]
+__all__ = ["RunLockedError", "run_lock", "check_unlocked", "atomic_write", "write_text", "sweep_temporaries",
+           "disk_error", "DISK_FULL"]
 
 LOCK_NAME = ".gfdm.lock"
 #: errno values of "the disk cannot take this file": full, over quota, file too large

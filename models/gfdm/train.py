@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import signal
 import time
 from contextlib import contextmanager, nullcontext
@@ -30,16 +29,23 @@ from torch import nn
 import models.gfdm as core  # the GFDM core (dynamics, loss, samplers); attribute access at call time
 
 from . import distributed
-from .checkpoint import (CheckpointError, check_output_path, check_state_dict, load_checkpoint, rng_state,
-                         save_checkpoint, set_rng_state)
+from .checkpoint import (
+    CheckpointError,
+    check_output_path,
+    check_state_dict,
+    load_checkpoint,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
 from .config import IDENTITY_KEYS, NETWORK_KEYS, TrainConfig, normalize_keys
-from .runfiles import check_unlocked, run_lock, sweep_temporaries, write_text
 from .data import BatchStream, ImageDataset, load_dataset
 from .ema import EMA
 from .generate import class_labels, derive_seed, generate, save_grid
 from .loss import check_t_eps
-from .spec import DynamicsSpec, RunSpec
 from .precondition import make_eps_model
+from .runfiles import check_unlocked, run_lock, sweep_temporaries, write_text
+from .spec import DynamicsSpec, RunSpec
 from .time_sampling import TimeSampler
 from .unet import AutocastNet, UNet, UNetConfig, unet_config
 
