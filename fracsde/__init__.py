@@ -5,7 +5,7 @@ from .linear import LinearFractionalDynamics, VESchedule, VPSchedule
 from .markov import MarkovApproxFBM, geometric_gammas, optimal_weights
 from .noise import MarkovNoise
 from .reverse import ReverseTimeSDE, euler_maruyama
-from .rules import RATE_RULES, RateRule, markov_rates, strong_error
+from .rules import RATE_RULES, RateRule, kernel_projection, markov_rates, strong_error
 from .sde import FractionalSDE, NonFiniteStateError, StiffnessWarning, default_method, sdeint, supported_methods
 from .volterra import VolterraSDE, volterra_sdeint
 
@@ -31,6 +31,7 @@ __all__ = [
     "RateRule",
     "markov_rates",
     "strong_error",
+    "kernel_projection",
     "VolterraSDE",
     "volterra_sdeint",
     "FractionalSDE",

@@ -41,7 +41,19 @@ ILL_CONDITIONED = 1e10
 
 
 def geometric_gammas(num_processes: int, gamma_max: float = 20.0, dtype=torch.float64, device=None) -> torch.Tensor:
-    """Geometric rate grid centred at 1: γ_k = γ_max^{(2k − K − 1)/(K − 1)}, k = 1..K (K = 1 gives [1])."""
+    """Geometric rate grid centred at 1: γ_k = γ_max^{(2k − K − 1)/(K − 1)}, k = 1..K (K = 1 gives [1]).
+
+    Args:
+        num_processes: K ≥ 1.
+        gamma_max: the largest rate, > 1 (units: 1/horizon; the smallest is 1/gamma_max).
+        dtype, device: of the returned tensor.
+
+    Returns:
+        (K,) ascending rates.
+
+    Raises:
+        ValueError: num_processes < 1 or gamma_max ≤ 1, naming the value.
+    """
     V.check_positive_int(num_processes, "num_processes", 1)
     gamma_max = V.check_positive_float(gamma_max, "gamma_max", 1.0)
     if num_processes == 1:
@@ -77,6 +89,18 @@ def optimal_weights(hurst, gammas, kind: str = "type2", horizon: float = 1.0) ->
 
     ``hurst`` is a number, a 0-d tensor, or a tensor of any shape (*B,): all are solved at once (one
     batched right-hand side against the shared Gram matrix), giving weights (*B, K) and errors (*B,).
+
+    Args:
+        hurst: H in (0, 1): a number or a tensor (*B,).
+        gammas: (K,) distinct rates > 0 (1/time).
+        kind: ``"type1"`` or ``"type2"``.
+        horizon: T > 0; the weights minimise the time-integrated error on [0, T].
+
+    Returns:
+        :class:`WeightSolution` (weights, relative_error, condition_number).
+
+    Raises:
+        ValueError: an out-of-range H, kind or horizon, or repeated rates.
     """
     V.check_kind(kind)
     horizon = V.check_positive_float(horizon, "horizon")

@@ -142,6 +142,13 @@ def supported_methods(noise_type: str, sde_type: str) -> tuple:
     """Methods :func:`sdeint` accepts for a user noise type and sde type (additive: both sde types).
 
     torchsde's methods, then ``"exponential_euler"`` (fracsde's own, every noise type and both sde types).
+
+    Args:
+        noise_type: ``"diagonal"``, ``"scalar"``, ``"additive"`` or ``"general"`` (of the user's SDE).
+        sde_type: ``"ito"`` or ``"stratonovich"``.
+
+    Returns:
+        A tuple of method names.
     """
     V.check_choice(noise_type, "noise_type", NOISE_TYPES)
     V.check_choice(sde_type, "sde_type", SDE_TYPES)
@@ -156,7 +163,16 @@ def default_method(noise_type: str, sde_type: str, adjoint: bool = False) -> str
 
     Without adjoint: srk (strong order 1.5) for additive noise and Itô scalar noise, Euler for other
     Itô SDEs, midpoint for Stratonovich. With adjoint: Euler (Itô) or midpoint (Stratonovich),
-    whose adjoint is the same scheme run backwards (srk has no adjoint in torchsde).
+    whose adjoint is the same scheme run backwards (srk has no adjoint in torchsde). :func:`sdeint` itself
+    switches to ``"exponential_euler"`` where the rates make explicit steps unstable (see there).
+
+    Args:
+        noise_type: ``"diagonal"``, ``"scalar"``, ``"additive"`` or ``"general"``.
+        sde_type: ``"ito"`` or ``"stratonovich"``.
+        adjoint: whether the solve uses the adjoint.
+
+    Returns:
+        The method name.
     """
     V.check_choice(noise_type, "noise_type", NOISE_TYPES)
     V.check_choice(sde_type, "sde_type", SDE_TYPES)
