@@ -171,16 +171,29 @@ def test_lifted_model_fourier_is_heston_for_a_flat_kernel_and_rough_for_the_opti
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="known defect: the truncated square-root scheme leaves V < 0 on ~37 % of "
-                   "steps at H = 0.1 and the spot reads V+, biasing vols up by ~0.01 (docs/roughvol.md)")
 def test_markov_rough_heston_matches_fourier_at_rough_hurst(rough_fourier):
-    # the check at 2^17 paths, here at 2^15: |MC − Fourier| ≤ z·s.e. + 0.001 (z Bonferroni over 12 strikes)
+    # the check (2^17 paths, 3 s.e. + 0.001) here at 2^14 paths with z Bonferroni-corrected over 12 strikes;
+    # 1024 steps with the rates capped at 64/T (docs/roughvol.md: uncapped rates leave +0.01 at any step)
     model = RoughHeston(hurst=0.1, **HESTON)
-    ref = rough_fourier
-    mc = model.smile(K_HESTON, 1.0, method="markov", paths=1 << 15, generator=torch.Generator().manual_seed(1))
-    z = bonferroni_z(12)
-    excess = (mc.implied_vol - ref.implied_vol).abs() - (z * mc.std_error + 1e-3)
-    assert float(excess.max()) <= 0, ((mc.implied_vol - ref.implied_vol) / mc.std_error).tolist()
+    mc = model.smile(K_HESTON, 1.0, method="markov", paths=1 << 14, steps=1024,
+                     generator=torch.Generator().manual_seed(1))
+    assert mc.info.get("max_rate") == 64.0
+    excess = (mc.implied_vol - rough_fourier.implied_vol).abs() - (bonferroni_z(12) * mc.std_error + 1e-3)
+    assert float(excess.max()) <= 0, ((mc.implied_vol - rough_fourier.implied_vol) / mc.std_error).tolist()
+
+
+def test_uncapped_rates_leave_the_known_rough_heston_bias():
+    # the failure the cap avoids, kept as a check: the optimal rule's uncapped rates (to 1e10) with the left-point
+    # square-root scheme put V < 0 on about a third of the steps and bias the money up by ≥ 0.005 (measured +0.012
+    # to +0.015, 2^13 paths, s.e. 0.0013)
+    from fracsde import markov_rates
+    model = RoughHeston(hurst=0.1, **HESTON)
+    rates = markov_rates(0.1, 8, rates="optimal", horizon=1.0).rates
+    k = K_HESTON[[9]]                                                    # k = -0.016, near the money
+    mc = model.smile(k, 1.0, method="markov", paths=1 << 13, steps=64, rates=rates,
+                     generator=torch.Generator().manual_seed(1))
+    ref = RoughHeston(hurst=0.1, **HESTON).smile(k, 1.0, method="fourier", steps=64)
+    assert float(mc.implied_vol - ref.implied_vol) > 0.005 + bonferroni_z(1) * float(mc.std_error)
 
 
 def test_markov_rough_heston_at_half_matches_quantlib():

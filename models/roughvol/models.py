@@ -31,11 +31,13 @@ from .montecarlo import PriceAccumulator, chunk_sizes, default_chunk, log_spot_a
 
 __all__ = ["RoughBergomi", "RoughHeston", "Smile", "MARKOV_DEFAULTS"]
 
-#: defaults of ``method="markov"`` by model (rule, K, time steps on [0, T]). Rough Bergomi: K = 16 leaves a bias
-#: below the Monte Carlo error at 2^17 paths on McCrickerd & Pakkanen's case (K = 8: -0.0008 in vol, ~1.7 s.e.);
-#: rough Heston: K = 8 (its bias at rough H comes from the scheme, not K; docs/roughvol.md).
+#: defaults of ``method="markov"`` by model (rule, K, time steps on [0, T], cap on the rates in units of 1/T).
+#: Rough Bergomi: K = 16 leaves a bias below the Monte Carlo error at 2^17 paths on McCrickerd & Pakkanen's case
+#: (K = 8: -0.0008 in vol, ~1.7 s.e.). Rough Heston: the rates capped at 64/T and 1024 steps (rate x step = 1/16),
+#: so that the left-point square-root scheme resolves every factor; uncapped rates leave a bias of +0.01 in vol at
+#: H = 0.1 whatever the steps (docs/roughvol.md). An explicit ``rates`` drops the cap.
 MARKOV_DEFAULTS = {"RoughBergomi": {"rates": "optimal", "num_processes": 16, "steps": 256},
-                   "RoughHeston": {"rates": "optimal", "num_processes": 8, "steps": 256}}
+                   "RoughHeston": {"rates": "optimal", "num_processes": 8, "steps": 1024, "max_rate": 64.0}}
 
 
 @dataclass
@@ -138,11 +140,13 @@ class _RoughModel:
         return f"{type(self).__name__}({inner})"
 
     # -- Markov rule --------------------------------------------------------------------------------------------
-    def _noise(self, num_processes: int, rates, horizon: float) -> MarkovNoise:
-        """The Markov noise for H on [0, horizon]: the rule's rates (at float(H)), weights ω(H) by projection."""
+    def _noise(self, num_processes: int, rates, horizon: float, max_rate: float | None = None) -> MarkovNoise:
+        """The Markov noise for H on [0, horizon]: the rule's rates (at float(H); ``max_rate`` caps them, in units
+        of 1/horizon), weights ω(H) by projection."""
         from fracsde import markov_rates
         if isinstance(rates, str):
-            g = markov_rates(float(self.hurst), num_processes, rates=rates, horizon=horizon).rates
+            cap = None if max_rate is None else max_rate / horizon
+            g = markov_rates(float(self.hurst), num_processes, rates=rates, max_rate=cap, horizon=horizon).rates
         else:
             g = torch.as_tensor(rates, dtype=torch.float64)
         if isinstance(rates, str) and rates == "geometric":
@@ -239,7 +243,8 @@ class _RoughModel:
 
     def _markov_options(self, num_processes, rates, dtype=None) -> dict:
         return {"num_processes": num_processes or self._defaults()["num_processes"],
-                "rates": self._defaults()["rates"] if rates is None else rates, "dtype": dtype}
+                "rates": self._defaults()["rates"] if rates is None else rates, "dtype": dtype,
+                "max_rate": self._defaults().get("max_rate") if rates is None else None}
 
     def _factor_dtype(self, markov) -> torch.dtype:
         """dtype of the Markov factor paths: as asked, else float64 when a parameter requires a gradient (accurate
@@ -342,7 +347,7 @@ class RoughBergomi(_RoughModel):
 
             return sample
         from fracsde import volterra_sdeint
-        noise = self._noise(markov["num_processes"], markov["rates"], float(ts[-1]))
+        noise = self._noise(markov["num_processes"], markov["rates"], float(ts[-1]), markov.get("max_rate"))
         omega = noise.weights                                                         # (K,), maybe with grad
         scale = self._scale()
         sigma_t = noise.ou_covariance(ts[:-1])                                        # (N, K, K): Cov of factors
@@ -466,7 +471,7 @@ class RoughHeston(_RoughModel):
         if method != "markov":
             raise ValueError(f"RoughHeston Monte Carlo supports method='markov' only; got {method!r}")
         from fracsde import volterra_sdeint
-        noise = self._noise(markov["num_processes"], markov["rates"], float(ts[-1]))
+        noise = self._noise(markov["num_processes"], markov["rates"], float(ts[-1]), markov.get("max_rate"))
         sde = _heston_variance(noise, self.theta, self.lam, self.nu)
         v0 = self.v0
         factor_dtype = self._factor_dtype(markov)
@@ -495,7 +500,8 @@ class RoughHeston(_RoughModel):
             maturity: T > 0 in years.
             method: ``"fourier"`` (fractional Riccati by the Adams scheme + Lewis' formula; ``steps`` defaults to 256,
                 Richardson-extrapolated with 512) or ``"markov"`` (Monte Carlo through
-                :func:`fracsde.volterra_sdeint`; ``steps`` defaults to 256).
+                :func:`fracsde.volterra_sdeint`; defaults: K = 8, rates capped at 64/T, 1024 steps — uncapped rates
+                leave a bias of +0.01 in vol at H = 0.1, see docs/roughvol.md).
             paths, generator, antithetic, control_variate, num_processes, rates, chunk, progress, dtype: as in
                 :meth:`RoughBergomi.smile` (the antithetic partner here mirrors W⊥ only: V is not odd in W).
             u_max: truncation of the Fourier integral (default: where the tail is below 1e-11 in price).
