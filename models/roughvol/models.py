@@ -33,11 +33,12 @@ __all__ = ["RoughBergomi", "RoughHeston", "Smile", "MARKOV_DEFAULTS"]
 
 #: defaults of ``method="markov"`` by model (rule, K, time steps on [0, T], cap on the rates in units of 1/T).
 #: Rough Bergomi: K = 16 leaves a bias below the Monte Carlo error at 2^17 paths on McCrickerd & Pakkanen's case
-#: (K = 8: -0.0008 in vol, ~1.7 s.e.). Rough Heston: the rates capped at 64/T and 1024 steps (rate x step = 1/16),
-#: so that the left-point square-root scheme resolves every factor; uncapped rates leave a bias of +0.01 in vol at
-#: H = 0.1 whatever the steps (docs/roughvol.md). An explicit ``rates`` drops the cap.
+#: (K = 8: -0.0008 in vol, ~1.7 s.e.). Rough Heston: the rates capped at 64/T and 2048 steps (rate x step = 1/32),
+#: so that the left-point square-root scheme resolves every factor (at 2^17 paths, H = 0.1: within 3 s.e. + 0.001
+#: of Fourier; 1024 steps is not); uncapped rates leave a bias of +0.01 in vol at H = 0.1 whatever the steps
+#: (docs/roughvol.md). An explicit ``rates`` drops the cap.
 MARKOV_DEFAULTS = {"RoughBergomi": {"rates": "optimal", "num_processes": 16, "steps": 256},
-                   "RoughHeston": {"rates": "optimal", "num_processes": 8, "steps": 1024, "max_rate": 64.0}}
+                   "RoughHeston": {"rates": "optimal", "num_processes": 8, "steps": 2048, "max_rate": 64.0}}
 
 
 @dataclass
@@ -500,7 +501,7 @@ class RoughHeston(_RoughModel):
             maturity: T > 0 in years.
             method: ``"fourier"`` (fractional Riccati by the Adams scheme + Lewis' formula; ``steps`` defaults to 256,
                 Richardson-extrapolated with 512) or ``"markov"`` (Monte Carlo through
-                :func:`fracsde.volterra_sdeint`; defaults: K = 8, rates capped at 64/T, 1024 steps — uncapped rates
+                :func:`fracsde.volterra_sdeint`; defaults: K = 8, rates capped at 64/T, 2048 steps — uncapped rates
                 leave a bias of +0.01 in vol at H = 0.1, see docs/roughvol.md).
             paths, generator, antithetic, control_variate, num_processes, rates, chunk, progress, dtype: as in
                 :meth:`RoughBergomi.smile` (the antithetic partner here mirrors W⊥ only: V is not odd in W).
