@@ -4,7 +4,8 @@ One run prints three tables with side-by-side ratios (the machine is shared and 
 each entry is the min and the median of --repeats rounds, the methods interleaved round by round):
 
 1. building a rule from a cold cache (`markov_rates`): geometric, optimal (K = 8, 16, 32: the chain 1..K), quadrature;
-2. sampling B̂ (1024 paths × 1024 steps, float32): optimal K = 16 against geometric K = 3, both samplers;
+2. sampling B̂ (1024 paths × 1024 steps, float32): optimal K = 16 against geometric K = 3, both samplers, and
+   (B̂, W) jointly (return_brownian) by the joint innovations (2 normals per step) and by the full state (K + 1);
 3. one solver step of dX = −X dt + ½ dB̂ (1024 paths, 100 steps): exponential_euler with the optimal K = 16 rule
    (rates to 3e17, where every explicit method diverges) against torchsde's Euler with geometric K = 3 (rates ≤ 20),
    and exponential_euler at K = 3;
@@ -94,6 +95,10 @@ def main(argv=None) -> None:
         "optimal K=16, innovations": lambda: k16.sample(ts, 1024, dtype=torch.float32),
         "geometric K=3, state": lambda: k3.sample(ts, 1024, dtype=torch.float32, method="state"),
         "optimal K=16, state": lambda: k16.sample(ts, 1024, dtype=torch.float32, method="state"),
+        "optimal K=16, (B̂, W) joint innovations": lambda: k16.sample(ts, 1024, dtype=torch.float32,
+                                                                   return_brownian=True, method="innovations"),
+        "optimal K=16, (B̂, W) state": lambda: k16.sample(ts, 1024, dtype=torch.float32, return_brownian=True,
+                                                         method="state"),
     }
     print(table("2. sampling 1024 paths x 1024 steps, float32", measure(sampling, args.repeats),
                 "geometric K=3, innovations"))

@@ -79,6 +79,8 @@ def cancellation(gammas, weights, kind: str = "type2", horizon: float = 1.0) -> 
     S = get_kind(kind).state_cross_covariance(g, T, T)
     num = float(w.abs() @ S.abs() @ w.abs())
     den = float(w @ S @ w)
+    if num == 0.0:                                    # ω = 0: B̂ ≡ 0, nothing cancels
+        return 1.0
     return num / den if den > 0 else math.inf
 
 
@@ -166,6 +168,93 @@ def _innovations_plan(grid: torch.Tensor, gammas: torch.Tensor, weights: torch.T
     carry = torch.exp(-rates * (end - start)[:, None])                       # (nb, D)
     return {"within": torch.cat([T.transpose(1, 2), R], 2), "rest": M.transpose(1, 2).contiguous(),
             "carry_gain": carry, "block": C, "cast": {}}
+
+
+def _joint_innovation_gains(steps: torch.Tensor, gammas: torch.Tensor, weights: torch.Tensor, kind: str):
+    """Kalman gains of the OU state given the past of (B̂, W) jointly: two observations per step.
+
+    The state is x = (Y, [u,] W) with rates (γ, [0,] 0) — W is one more component that never decays — and the
+    read-out Hm (D, 2) has columns (ω, [−1,] 0) for B̂ and (0, [0,] 1) for W (u = ωᵀY(0) for type I, as in
+    :func:`_innovation_gains`). One step: P⁻ = f fᵀ ⊙ P + Q, S = HmᵀP⁻Hm (2 × 2) = L Lᵀ (Cholesky, a pivot that
+    vanishes to 1e−14 of its scale is dropped with its gain column), G = P⁻Hm L^{−T} (D × 2), P ← P⁻ − G Gᵀ; the
+    observations follow from two normals z: (B̂, W)_{n+1} = Hmᵀ(f ⊙ m) + L z, m ← f ⊙ m + G z (HmᵀG = L).
+    Returns (gains (N, D, 2), rates (D,), Hm (D, 2)) as float64 tensors.
+    """
+    g = gammas.to(torch.float64)
+    w = weights.to(torch.float64)
+    K = g.numel()
+    rules = get_kind(kind)
+    extra = 1 if rules.stationary_start else 0
+    D = K + extra + 1
+    rates = torch.cat([g, g.new_zeros(extra + 1)])
+    Hm = np.zeros((D, 2))
+    Hm[:K, 0] = w.numpy()
+    Hm[D - 1, 1] = 1.0
+    P = np.zeros((D, D))
+    if extra:
+        Hm[K, 0] = -1.0
+        S0 = rules.initial_covariance(g).numpy()
+        s0w = S0 @ w.numpy()
+        P[:K, :K] = S0
+        P[:K, K] = P[K, :K] = s0w
+        P[K, K] = float(w.numpy() @ s0w)
+    noisy = list(range(K)) + [D - 1]                                   # Y and W receive noise; u does not
+    Q = step_covariance(torch.cat([g, g.new_zeros(1)]), steps).numpy()  # (N, K+1, K+1)
+    decay = torch.exp(-steps[:, None] * rates).numpy()
+    N = steps.numel()
+    gains = np.zeros((N, D, 2))
+    Qa = np.zeros((D, D))
+    idx = np.ix_(noisy, noisy)
+    scale = np.abs(Hm)
+    for n in range(N):
+        Qa[idx] = Q[n]
+        Pm = P * np.outer(decay[n], decay[n]) + Qa
+        PH = Pm @ Hm
+        S = Hm.T @ PH
+        tol = 1e-14 * (scale.T @ np.abs(Pm) @ scale)
+        g0 = np.zeros(D)
+        l21 = 0.0
+        if S[0, 0] > tol[0, 0]:
+            l11 = np.sqrt(S[0, 0])
+            g0 = PH[:, 0] / l11
+            l21 = S[1, 0] / l11
+        g1 = np.zeros(D)
+        rest = S[1, 1] - l21 * l21
+        if rest > tol[1, 1]:
+            g1 = (PH[:, 1] - g0 * l21) / np.sqrt(rest)
+        gains[n, :, 0], gains[n, :, 1] = g0, g1
+        P = Pm - np.outer(g0, g0) - np.outer(g1, g1)
+    return torch.from_numpy(gains), rates, torch.from_numpy(Hm)
+
+
+def _joint_innovations_plan(grid: torch.Tensor, gammas: torch.Tensor, weights: torch.Tensor, kind: str,
+                            block: int) -> dict:
+    """Block operators of the joint (B̂, W) innovations sampler: :func:`_innovations_plan` with two observations
+    and two normals per step, flattened step-major ((step, observation) → 2·step + observation), so that
+    :func:`_apply_innovations` runs unchanged with ``block`` = 2C."""
+    steps = torch.diff(grid)
+    gains, rates, Hm = _joint_innovation_gains(steps, gammas, weights, kind)
+    N, D, p = gains.shape
+    C = max(1, min(block, N))
+    nb = -(-N // C)
+    pad = nb * C - N
+    G = torch.cat([gains, gains.new_zeros(pad, D, p)]).view(nb, C, D, p)
+    tau = torch.cat([grid[1:], grid[-1:].expand(pad)]).view(nb, C)
+    start = grid[torch.arange(nb) * C]
+    end = tau[:, -1]
+    lag = (tau[:, :, None] - tau[:, None, :]).clamp(min=0)                   # (nb, C_j, C_i)
+    lower = torch.tril(torch.ones(C, C, dtype=torch.bool))
+    T = torch.zeros(nb, C, p, C, p, dtype=torch.float64)                      # (out j, a; in i, b)
+    for d in range(D):
+        e = torch.exp(-rates[d] * lag) * lower                                 # (nb, C, C)
+        T += e[:, :, None, :, None] * Hm[d][None, None, :, None, None] * G[:, None, None, :, d, :]
+    T = T.reshape(nb, C * p, C * p)
+    M = Hm.T[None, None] * torch.exp(-rates * (tau - start[:, None])[..., None])[:, :, None, :]   # (nb, C, p, D)
+    R = torch.exp(-rates * (end[:, None] - tau)[..., None])[:, :, None, :] * G.transpose(2, 3)    # (nb, C, p, D)
+    carry = torch.exp(-rates * (end - start)[:, None])
+    return {"within": torch.cat([T.transpose(1, 2), R.reshape(nb, C * p, D)], 2),
+            "rest": M.reshape(nb, C * p, D).transpose(1, 2).contiguous(), "carry_gain": carry, "block": C * p,
+            "cast": {}}
 
 
 def _apply_innovations(ops: dict, z: torch.Tensor, first: int = 0, carry: torch.Tensor | None = None,
@@ -336,6 +425,8 @@ class MarkovNoise(nn.Module):
             ``"state"`` — the full OU state: K correlated normals per step, innovations with covariance
             (1 − e^{−(γ_i+γ_j)h})/(γ_i+γ_j) (one shared Brownian motion), Y_n = e^{−γh_n} Y_{n−1} + ξ_n; with
             ``return_brownian`` the increment of W is drawn jointly (Cov(ξ_k, ΔW) = (1 − e^{−γ_k h})/γ_k).
+            With ``return_brownian``, ``"innovations"`` draws (B̂, W) jointly from their two-dimensional
+            innovations: two normals per step whatever K (the full state needs K + 1).
             ``"auto"`` (default) — ``"state"`` when ``return_state`` or ``return_brownian`` is set, else
             ``"innovations"``.
 
@@ -351,9 +442,9 @@ class MarkovNoise(nn.Module):
         V.check_choice(method, "method", SAMPLE_METHODS)
         if method == "auto":
             method = "state" if (return_state or return_brownian) else "innovations"
-        if (return_state or return_brownian) and method != "state":
-            raise ValueError("method='innovations' draws B̂ alone (one normal per step), not the OU states or W; "
-                             "use method='state' (or 'auto') with return_state/return_brownian")
+        if return_state and method != "state":
+            raise ValueError("method='innovations' draws B̂ (and W) from their own innovations, not the OU states; "
+                             "use method='state' (or 'auto') with return_state=True")
         dtype, out_dtype = V.sampling_dtypes(dtype)          # float16/bfloat16: computed in float32
         if dtype != torch.float64 and self.cancellation_of() > REDUCED_PRECISION_CANCELLATION:
             dtype = torch.float64
@@ -366,51 +457,61 @@ class MarkovNoise(nn.Module):
             ts64 = ts64[0] + torch.arange(ts.numel(), dtype=torch.float64, device=device) * (
                 (ts64[-1] - ts64[0]) / (ts.numel() - 1))
         if method == "innovations":
+            if return_brownian:
+                paths, brownian = self._sample_innovations(ts64, batch_size, generator, dtype, device, joint=True)
+                return paths.to(out_dtype), brownian.to(out_dtype)
             return self._sample_innovations(ts64, batch_size, generator, dtype, device).to(out_dtype)
         out = self._sample_state(ts64, batch_size, generator, dtype, device, return_state, return_brownian)
         return tuple(o.to(out_dtype) for o in out) if isinstance(out, tuple) else out.to(out_dtype)
 
-    def _sample_innovations(self, ts64, batch_size, generator, dtype, device):
-        """B̂ from one normal per step, by the block operators of :func:`_innovations_plan` (see there)."""
+    def _sample_innovations(self, ts64, batch_size, generator, dtype, device, joint: bool = False):
+        """B̂ from one normal per step (``joint``: (B̂, W) from two), by the block operators of
+        :func:`_innovations_plan` / :func:`_joint_innovations_plan` (see there)."""
+        p = 2 if joint else 1
         offset = 1 if bool(ts64[0] == 0) else 0
-        paths = torch.empty(batch_size, ts64.numel(), dtype=dtype, device=device)
+        out = torch.empty(batch_size, ts64.numel(), p, dtype=dtype, device=device)
         if offset:
-            paths[:, 0] = 0.0                                                   # B̂_0 = 0 for both kinds
+            out[:, 0] = 0.0                                                     # B̂_0 = 0 (and W_0 = 0)
         n_steps = ts64.numel() - offset
-        if n_steps == 0:
-            return paths
-        ops = self._innovation_operators(ts64, dtype, device)
-        nb, C, D = ops["rest"].shape[0], ops["block"], ops["carry_gain"].shape[1]
-        G = max(1, min(nb, _CHUNK_ELEMS // (batch_size * C)))                  # blocks per chunk
-        z = torch.empty(G, batch_size, C, dtype=dtype, device=device)
-        work = (z.new_empty(G, batch_size, C + D), z.new_empty(G, batch_size, D), z.new_empty(G, batch_size, C))
-        dest = paths[:, offset:]
-        carry = None
-        for first in range(0, nb, G):
-            g = min(G, nb - first)
-            torch.randn(z[:g].shape, generator=generator, dtype=dtype, device=device, out=z[:g])
-            blocks, carry = _apply_innovations(ops, z[:g], first, carry, work)
-            s0 = first * C
-            s1 = min(s0 + g * C, n_steps)
-            full, rem = divmod(s1 - s0, C)
-            if full:
-                dest[:, s0:s0 + full * C].unflatten(1, (full, C)).copy_(blocks[:full].transpose(0, 1))
-            if rem:
-                dest[:, s0 + full * C:s1].copy_(blocks[full, :, :rem])
-        return paths
+        if n_steps > 0:
+            ops = self._innovation_operators(ts64, dtype, device, joint)
+            nb, Cp, D = ops["rest"].shape[0], ops["block"], ops["carry_gain"].shape[1]
+            C = Cp // p
+            G = max(1, min(nb, _CHUNK_ELEMS // (batch_size * Cp)))             # blocks per chunk
+            z = torch.empty(G, batch_size, Cp, dtype=dtype, device=device)
+            work = (z.new_empty(G, batch_size, Cp + D), z.new_empty(G, batch_size, D),
+                    z.new_empty(G, batch_size, Cp))
+            dest = out[:, offset:]
+            carry = None
+            for first in range(0, nb, G):
+                g = min(G, nb - first)
+                torch.randn(z[:g].shape, generator=generator, dtype=dtype, device=device, out=z[:g])
+                blocks, carry = _apply_innovations(ops, z[:g], first, carry, work)
+                blocks = blocks.unflatten(2, (C, p))                            # (g, batch, C, p)
+                s0 = first * C
+                s1 = min(s0 + g * C, n_steps)
+                full, rem = divmod(s1 - s0, C)
+                if full:
+                    dest[:, s0:s0 + full * C].unflatten(1, (full, C)).copy_(blocks[:full].transpose(0, 1))
+                if rem:
+                    dest[:, s0 + full * C:s1].copy_(blocks[full, :, :rem])
+        if joint:
+            return out[..., 0], out[..., 1]
+        return out[..., 0]
 
-    def _innovation_operators(self, ts64, dtype, device) -> dict:
+    def _innovation_operators(self, ts64, dtype, device, joint: bool = False) -> dict:
         """The block operators for this grid, weights and dtype, built once and cached (2 grids)."""
         g = self.gammas.detach().to(torch.float64).cpu()
         w = self.weights.detach().to(torch.float64).cpu()
         grid = ts64.detach().cpu()
         if bool(grid[0] > 0):
             grid = torch.cat([grid.new_zeros(1), grid])
-        key = (grid.numpy().tobytes(), g.numpy().tobytes(), w.numpy().tobytes(), self.kind, INNOVATION_BLOCK)
+        key = (grid.numpy().tobytes(), g.numpy().tobytes(), w.numpy().tobytes(), self.kind, INNOVATION_BLOCK, joint)
         cache = self.__dict__.setdefault("_innovation_cache", OrderedDict())
         plan = cache.get(key)
         if plan is None:
-            plan = _innovations_plan(grid, g, w, self.kind, INNOVATION_BLOCK)
+            build = _joint_innovations_plan if joint else _innovations_plan
+            plan = build(grid, g, w, self.kind, INNOVATION_BLOCK)
             cache[key] = plan
             while len(cache) > 2:
                 cache.popitem(last=False)

@@ -141,10 +141,14 @@ def test_reduced_precision_sampling_is_computed_safely_and_cast(dtype):
     assert abs(float(paths[:, -1].double().var()) - var) <= z * var * math.sqrt(2 / 4000) + 0.01 * var
 
 
-def test_return_brownian_gives_the_driving_brownian_motion():
-    noise = MarkovApproxFBM(0.1, 8, rates="optimal")
+@pytest.mark.parametrize("method", ["state", "innovations"])
+@pytest.mark.parametrize("hurst,K,rates,kind", [(0.1, 8, "optimal", "type2"), (0.7, 3, "geometric", "type1")])
+def test_return_brownian_gives_the_driving_brownian_motion(method, hurst, K, rates, kind):
+    """(B̂, W) jointly: the full state (K + 1 normals per step) or the joint innovations (2 per step)."""
+    noise = MarkovApproxFBM(hurst, K, rates=rates, kind=kind)
     ts = torch.linspace(0, 1, 33, dtype=F64)
-    bhat, w = noise.sample(ts, 6000, generator=torch.Generator().manual_seed(1), dtype=F64, return_brownian=True)
+    bhat, w = noise.sample(ts, 6000, generator=torch.Generator().manual_seed(1), dtype=F64, return_brownian=True,
+                           method=method)
     assert w.shape == bhat.shape and bool((w[:, 0] == 0).all())
     t = torch.tensor([0.25, 1.0], dtype=F64)
     g, om = noise.gammas, noise.weights
