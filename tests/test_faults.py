@@ -463,13 +463,22 @@ def test_divergence_stops_with_one_line_and_keeps_the_last_finite_checkpoint(tmp
         assert all(torch.isfinite(v).all() for v in state[part].values() if v.is_floating_point())
 
 
-def _disk_full(*a, **k):
+def _small_disk(budget: int):
+    """``os.fdopen`` of a disk with ``budget`` bytes free: a write past them fails with ENOSPC mid-file, as on a
+    real full file system (torch's zip writer then raises a RuntimeError about the file position)."""
     import errno
+    import io
 
-    raise OSError(errno.ENOSPC, "No space left on device")
+    class FullDisk(io.FileIO):
+        def write(self, b):
+            if self.tell() + len(memoryview(b)) > budget:
+                raise OSError(errno.ENOSPC, "No space left on device")
+            return super().write(b)
+
+    return lambda fd, mode="wb", *a, **k: FullDisk(fd, "w", closefd=True)
 
 
-@pytest.mark.parametrize("command", ["train", "sample", "evaluate"])
+@pytest.mark.parametrize("command", ["train", "sample", "evaluate", "checkpoint"])
 def test_a_full_disk_is_one_line_and_leaves_no_partial_file(run, tmp_path, capsys, monkeypatch, command):
     import models.gfdm.runfiles as runfiles
 
@@ -480,10 +489,12 @@ def test_a_full_disk_is_one_line_and_leaves_no_partial_file(run, tmp_path, capsy
                                     "--out", str(tmp_path / "s")], "grid.png"),
         "evaluate": (tmp_path / "e", ["evaluate", "--checkpoint", ckpt, "--num", "4", "--steps", "2",
                                       "--no-progress", "--out", str(tmp_path / "e" / "e.json")], "e.json"),
+        "checkpoint": (tmp_path / "c", _train_argv(tmp_path / "c"), "checkpoint.pt"),
     }[command]
     if command == "evaluate":        # the feature network and reference statistics are cached first
         assert main([*argv[:-1], str(tmp_path / "warm" / "e.json")]) == 0
-    monkeypatch.setattr(runfiles.os, "fsync", _disk_full)      # the write reaches the disk, which is full
+    # 200 bytes: every artefact is larger; 100 kB: the training grid fits, the checkpoint (~2.6 MB) does not
+    monkeypatch.setattr(runfiles.os, "fdopen", _small_disk(100_000 if command == "checkpoint" else 200))
     assert main(argv) == 2
     err = _one_error(capsys)
     assert f"No space left on device while writing {out / target}" in err

@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .runfiles import RunLockedError, atomic_write, check_unlocked, disk_error, run_lock, sweep_temporaries, write_text
+from .runfiles import RunLockedError, check_unlocked, disk_error, run_lock, sweep_temporaries, write_npz, write_text
 
 __all__ = ["main", "build_parser"]
 
@@ -472,9 +472,9 @@ def _write_samples(args, ctx, log, out: Path) -> int:
             "dataset": state["dataset"]["name"], "num": args.num, "steps": args.steps, "method": args.method,
             "grid": _grid_name(args),
             "weights": args.weights, "seed": args.seed, "seconds": seconds}
-    atomic_write(out / "samples.npz", lambda f: np.savez_compressed(
-        f, x=x.numpy().astype(np.float32), images=quantize(x).permute(0, 2, 3, 1).numpy(),
-        labels=(labels.numpy() if labels is not None else np.zeros(0, np.int64)), meta=np.array(json.dumps(meta))))
+    write_npz(out / "samples.npz", compressed=True, x=x.numpy().astype(np.float32),
+              images=quantize(x).permute(0, 2, 3, 1).numpy(),
+              labels=(labels.numpy() if labels is not None else np.zeros(0, np.int64)), meta=np.array(json.dumps(meta)))
     log(f"{args.num} images in {seconds:.1f} s ({args.num / seconds:.1f} img/s) → {grid}, {out / 'samples.npz'}")
     return 0
 

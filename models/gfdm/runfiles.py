@@ -20,8 +20,8 @@ from collections.abc import Callable, Iterable
 from contextlib import contextmanager
 from pathlib import Path
 
-__all__ = ["RunLockedError", "run_lock", "check_unlocked", "atomic_write", "write_text", "sweep_temporaries",
-           "disk_error", "DISK_FULL"]
+__all__ = ["RunLockedError", "run_lock", "check_unlocked", "atomic_write", "write_text", "write_npz",
+           "sweep_temporaries", "disk_error", "DISK_FULL"]
 
 LOCK_NAME = ".gfdm.lock"
 #: errno values of "the disk cannot take this file": full, over quota, file too large
@@ -66,8 +66,13 @@ def run_lock(target, what: str, folder: bool = True, log=None):
     stale = _holder(fd)
     if stale and log is not None:
         log(f"note: took over the lock of {stale}, which is no longer running ({lock})")
-    os.ftruncate(fd, 0)
-    os.write(fd, f"pid {os.getpid()}, gfdm {what}\n".encode())
+    try:
+        os.ftruncate(fd, 0)
+        os.write(fd, f"pid {os.getpid()}, gfdm {what}\n".encode())
+    except OSError as e:                     # a full disk already: say which file
+        os.close(fd)
+        lock.unlink(missing_ok=True)
+        raise OSError(e.errno, e.strerror, str(lock)) from None
     try:
         yield
     finally:
@@ -126,10 +131,35 @@ def atomic_write(path, write: Callable, mode: str = "wb") -> Path:
             os.unlink(tmp)
         except FileNotFoundError:
             pass
-        if isinstance(e, OSError) and e.filename is None:
-            raise OSError(e.errno, e.strerror or str(e), str(path)) from None
+        cause = _os_error(e)
+        if cause is not None and (cause is not e or e.filename is None):
+            raise OSError(cause.errno, cause.strerror or str(cause), str(path)) from None
         raise
     return path
+
+
+def _os_error(e: BaseException) -> OSError | None:
+    """The OSError behind ``e``: itself, or the one a writer turned into another exception (torch's zip writer
+    reports a full disk as a RuntimeError about the file position, raised while handling the OSError)."""
+    for _ in range(5):
+        if isinstance(e, OSError) and e.errno is not None:
+            return e
+        e = e.__cause__ or e.__context__
+        if e is None:
+            return None
+    return None
+
+
+def write_npz(path, compressed: bool = False, **arrays) -> Path:
+    """:func:`atomic_write` of a numpy ``.npz`` archive. The archive is built in memory first: numpy's zip writer,
+    interrupted by a full disk, leaves a half-closed archive whose clean-up raises again at interpreter exit."""
+    import io
+
+    import numpy as np
+
+    buffer = io.BytesIO()
+    (np.savez_compressed if compressed else np.savez)(buffer, **arrays)
+    return atomic_write(path, lambda f: f.write(buffer.getbuffer()))
 
 
 def write_text(path, text: str) -> Path:

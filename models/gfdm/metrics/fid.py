@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..runfiles import atomic_write
+from ..runfiles import write_npz
 from .common import default_cache_dir
 from .inception import InceptionFeatures
 from .offline import OfflineFeatures
@@ -67,7 +67,7 @@ class FeatureStats:
         return cls(feats.mean(0), np.cov(feats, rowvar=False), feats.shape[0])
 
     def save(self, path) -> None:
-        atomic_write(path, lambda f: np.savez(f, mu=self.mu, sigma=self.sigma, n=self.n))
+        write_npz(path, mu=self.mu, sigma=self.sigma, n=self.n)
 
     @classmethod
     def load(cls, path) -> "FeatureStats":
