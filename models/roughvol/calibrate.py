@@ -129,7 +129,7 @@ def calibrate(model: _RoughModel, log_strikes, maturities, implied_vol, params=(
     generator = generator if generator is not None else torch.Generator().manual_seed(0)
     state = generator.get_state()
     K = num_processes or CALIBRATION_PROCESSES
-    fixed = {n: float(v) for n, v in model.parameters_dict().items()}
+    fixed = {n: float(torch.as_tensor(v).detach()) for n, v in model.parameters_dict().items()}
     start = {n: fixed[n] for n in names}
     from fracsde import markov_rates
 

@@ -153,7 +153,7 @@ def log_char_function(u: torch.Tensor, maturity: float, hurst, v0, theta, lam, n
     n and 2n are extrapolated as (2^p L_{2n} − L_n)/(2^p − 1), p = min(2, 1 + α), the scheme's order.
     """
     alpha = hurst + 0.5
-    a, nu_f = float(alpha), float(nu)
+    a, nu_f = (float(x.detach()) if isinstance(x, torch.Tensor) else float(x) for x in (alpha, nu))
     needed = torch.tensor([stable_steps(float(x), maturity, a, nu_f, steps) for x in u.abs().tolist()])
     pieces = []
     for n in torch.unique(needed).tolist():

@@ -85,6 +85,11 @@ def _check_range(value, name: str, lo: float, hi: float, lo_open: bool = True, h
     return value.to(torch.float64).reshape(()) if isinstance(value, torch.Tensor) else v
 
 
+def _value(x) -> float:
+    """The float value of a number or a 0-d tensor (detached)."""
+    return float(x.detach()) if isinstance(x, torch.Tensor) else float(x)
+
+
 def _as_log_strikes(log_strikes) -> torch.Tensor:
     k = torch.as_tensor(log_strikes, dtype=torch.float64).detach().reshape(-1)
     if k.numel() == 0 or not bool(torch.isfinite(k).all()):
@@ -137,7 +142,7 @@ class _RoughModel:
         return type(self)(**params)
 
     def __repr__(self) -> str:
-        inner = ", ".join(f"{n}={float(getattr(self, n)):.6g}" for n in self._names)
+        inner = ", ".join(f"{n}={_value(getattr(self, n)):.6g}" for n in self._names)
         return f"{type(self).__name__}({inner})"
 
     # -- Markov rule --------------------------------------------------------------------------------------------
@@ -147,7 +152,7 @@ class _RoughModel:
         from fracsde import markov_rates
         if isinstance(rates, str):
             cap = None if max_rate is None else max_rate / horizon
-            g = markov_rates(float(self.hurst), num_processes, rates=rates, max_rate=cap, horizon=horizon).rates
+            g = markov_rates(_value(self.hurst), num_processes, rates=rates, max_rate=cap, horizon=horizon).rates
         else:
             g = torch.as_tensor(rates, dtype=torch.float64)
         if isinstance(rates, str) and rates == "geometric":
@@ -332,7 +337,7 @@ class RoughBergomi(_RoughModel):
     def _path_sampler(self, method, ts, markov):
         xi, eta = self.xi, self.eta
         if method == "exact":
-            L = joint_factor(float(self.hurst), ts[1:])
+            L = joint_factor(_value(self.hurst), ts[1:])
             N = ts.numel() - 1
             var_y = ts[:-1] ** (2 * torch.as_tensor(self.hurst, dtype=torch.float64))
 
