@@ -208,6 +208,23 @@ def test_markov_rough_heston_at_half_matches_quantlib():
 
 
 # ------------------------------------------------------------------------------------------ rough Bergomi
+def test_exact_joint_covariance_matches_quadrature():
+    # the closed forms (2F1 for Cov(Y_s, Y_t), powers for Cov(Y_t, W_s)) against direct quadrature of their integrals
+    from scipy.integrate import quad
+
+    from models.roughvol.exact import joint_covariance
+
+    H, t = 0.07, [0.1, 0.25, 0.7]
+    C = joint_covariance(H, t).numpy()
+    for i, s_ in enumerate(t):
+        for j, u in enumerate(t):
+            lo, hi = min(s_, u), max(s_, u)
+            yy = 2 * H * quad(lambda x, lo=lo, hi=hi: (lo - x) ** (H - 0.5) * (hi - x) ** (H - 0.5), 0, lo,
+                              limit=200)[0]
+            yw = math.sqrt(2 * H) * quad(lambda x, s_=s_: (s_ - x) ** (H - 0.5), 0, min(s_, u), limit=200)[0]
+            assert abs(C[i, j] - yy) < 1e-9 and abs(C[i, 3 + j] - yw) < 1e-9 and C[3 + i, 3 + j] == lo
+
+
 def test_exact_rough_bergomi_matches_mccrickerd_pakkanen():
     smile = RoughBergomi(**MP).smile(K_MP, 0.25, method="exact", steps=256, paths=1 << 16,
                                      generator=torch.Generator().manual_seed(3))
