@@ -349,6 +349,12 @@ def test_bad_smile_arguments_are_named():
         model.smile(K_HESTON, -1.0)
     with pytest.raises(ValueError, match="paths must be an integer >= 2"):
         RoughBergomi(**MP).smile(K_MP, 0.25, paths=1)
+    with pytest.raises(ValueError, match="num_processes must be an integer >= 1; got 0"):
+        RoughBergomi(**MP).smile(K_MP, 0.25, paths=2, num_processes=0)
+    with pytest.raises(ValueError, match="every maturity must lie on the grid of steps=3"):
+        RoughBergomi(**MP).surface(K_MP, [0.25, 0.5], paths=2, steps=3)
+    with pytest.raises(ValueError, match="log_strikes must be a non-empty 1-D array of finite numbers"):
+        model.smile([0.0, float("nan")], 1.0)
 
 
 # ------------------------------------------------------------------------------------------------ CLI

@@ -248,6 +248,8 @@ class _RoughModel:
         return next(MARKOV_DEFAULTS[c.__name__] for c in cls.__mro__ if c.__name__ in MARKOV_DEFAULTS)
 
     def _markov_options(self, num_processes, rates, dtype=None) -> dict:
+        if num_processes is not None:
+            _check_count(num_processes, "num_processes")
         return {"num_processes": num_processes or self._defaults()["num_processes"],
                 "rates": self._defaults()["rates"] if rates is None else rates, "dtype": dtype,
                 "max_rate": self._defaults().get("max_rate") if rates is None else None}
