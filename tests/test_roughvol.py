@@ -330,6 +330,24 @@ def test_calibration_recovers_parameters_from_a_distant_start(capsys):
     assert "[calibrate adam] iter" in capsys.readouterr().out
 
 
+def test_nelder_mead_runs_the_same_objective_and_counts_pricer_calls():
+    k = torch.tensor([-0.1, 0.0, 0.1], dtype=torch.float64)
+    model = RoughBergomi(hurst=0.2, xi=0.04, eta=1.5, rho=-0.7)
+    target, _ = RoughBergomi(hurst=0.1, xi=0.04, eta=1.9, rho=-0.9).surface(
+        k, 0.5, paths=256, steps=8, generator=torch.Generator().manual_seed(3), num_processes=4)
+    fit = calibrate(model, k, 0.5, target[0], params=("eta", "rho"), optimizer="nelder-mead", paths=256, steps=8,
+                    iterations=10, num_processes=4, generator=torch.Generator().manual_seed(3), verbose=False)
+    r = fit.report
+    assert r.optimizer == "nelder-mead" and r.iterations <= 10 and r.pricer_calls > r.iterations
+    assert fit.hurst == 0.2 and fit.xi == 0.04                 # the parameters not fitted are kept exactly
+    with pytest.raises(ValueError, match="params must be a non-empty subset of"):
+        calibrate(model, k, 0.5, target[0], params=("kappa",))
+    with pytest.raises(ValueError, match="optimizer must be one of"):
+        calibrate(model, k, 0.5, target[0], optimizer="lbfgs")
+    with pytest.raises(ValueError, match=r"implied_vol must have shape"):
+        calibrate(model, k, 0.5, target[0, :2])
+
+
 # ------------------------------------------------------------------------------------------------ errors
 @pytest.mark.parametrize("bad, match", [
     ({"hurst": 0.7}, r"hurst must lie in \(0, 0.5\]; got 0.7"),

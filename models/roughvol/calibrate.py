@@ -129,7 +129,7 @@ def calibrate(model: _RoughModel, log_strikes, maturities, implied_vol, params=(
     generator = generator if generator is not None else torch.Generator().manual_seed(0)
     state = generator.get_state()
     K = num_processes or CALIBRATION_PROCESSES
-    fixed = {n: float(torch.as_tensor(v).detach()) for n, v in model.parameters_dict().items()}
+    fixed = {n: float(torch.as_tensor(v, dtype=torch.float64).detach()) for n, v in model.parameters_dict().items()}
     start = {n: fixed[n] for n in names}
     from fracsde import markov_rates
 
@@ -149,7 +149,7 @@ def calibrate(model: _RoughModel, log_strikes, maturities, implied_vol, params=(
         calls[0] += 1
         generator.set_state(state)
         m = type(model)(**{**fixed, **values})
-        h = float(torch.as_tensor(values.get("hurst", fixed["hurst"])).detach())
+        h = float(torch.as_tensor(values.get("hurst", fixed["hurst"]), dtype=torch.float64).detach())
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", ArbitrageWarning)        # a NaN vol is masked below
             vol, _ = m.surface(k, mats, paths, steps, generator, K, current_rates(h), torch.float64)
