@@ -26,7 +26,7 @@ from fracsde import MarkovNoise, optimal_weights
 
 from . import fourier as F
 from .exact import joint_factor
-from .implied import implied_vol
+from .implied import black_price, implied_vol
 from .montecarlo import PriceAccumulator, chunk_sizes, default_chunk, log_spot_at, maturity_indices, otm_to_call
 
 __all__ = ["RoughBergomi", "RoughHeston", "Smile", "MARKOV_DEFAULTS"]
@@ -98,8 +98,11 @@ def _as_log_strikes(log_strikes) -> torch.Tensor:
 
 
 def _as_maturity(maturity) -> float:
-    return _check_range(float(maturity) if not isinstance(maturity, torch.Tensor) else float(maturity), "maturity",
-                        0.0, math.inf)
+    try:
+        value = _value(maturity)
+    except (TypeError, ValueError):
+        raise TypeError(f"maturity must be a positive number of years; got {maturity!r}") from None
+    return _check_range(value, "maturity", 0.0, math.inf)
 
 
 def _check_count(value, name: str, minimum: int = 1) -> int:
@@ -281,7 +284,6 @@ class _RoughModel:
         """(call price, price s.e., vol, vol s.e.) from OTM prices and errors (M, S)."""
         T = maturities.reshape(-1, 1)
         iv = implied_vol(otm, k2, T, option="otm")
-        from .implied import black_price
         with torch.enable_grad():
             s = iv.detach().nan_to_num(0.2).requires_grad_(True)
             vega = torch.autograd.grad(black_price(k2, T, s, "otm").sum(), s)[0]
