@@ -21,6 +21,9 @@ __all__ = ["main", "build_parser"]
 MODELS = {"rbergomi": "RoughBergomi", "rheston": "RoughHeston"}
 METHODS = {"rbergomi": ("markov", "exact"), "rheston": ("fourier", "markov")}
 DEFAULT_METHOD = {"rbergomi": "exact", "rheston": "fourier"}
+#: per-model defaults of --hurst, --rho, --maturity (McCrickerd & Pakkanen's case; El Euch & Rosenbaum's example)
+MODEL_DEFAULTS = {"rbergomi": {"hurst": 0.07, "rho": -0.9, "maturity": 0.25},
+                  "rheston": {"hurst": 0.1, "rho": -0.7, "maturity": 1.0}}
 
 
 class _FMT(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
@@ -76,15 +79,18 @@ def build_parser() -> argparse.ArgumentParser:
                    help="rbergomi: exact (Cholesky, the reference) or markov; rheston: fourier (semi-analytic) or "
                         "markov (default: exact / fourier)")
     s.add_argument("--compare", default=None, help="a second method priced alongside (a column and a curve)")
-    s.add_argument("--hurst", type=float, default=0.07, help="Hurst index H in (0, 0.5]")
-    s.add_argument("--rho", type=float, default=-0.9, help="spot-vol correlation in [-1, 1]")
+    s.add_argument("--hurst", type=float, default=None,
+                   help="Hurst index H in (0, 0.5] (default: 0.07 rbergomi, 0.1 rheston)")
+    s.add_argument("--rho", type=float, default=None,
+                   help="spot-vol correlation in [-1, 1] (default: -0.9 rbergomi, -0.7 rheston)")
     s.add_argument("--xi", type=float, default=0.235 ** 2, help="rbergomi: forward variance")
     s.add_argument("--eta", type=float, default=1.9, help="rbergomi: vol-of-vol")
     s.add_argument("--v0", type=float, default=0.02, help="rheston: initial variance")
     s.add_argument("--theta", type=float, default=0.02, help="rheston: drift level (long-run variance theta/lam)")
     s.add_argument("--lam", type=float, default=0.3, help="rheston: mean reversion")
     s.add_argument("--nu", type=float, default=0.3, help="rheston: vol-of-vol")
-    s.add_argument("--maturity", type=float, default=0.25, help="maturity T in years")
+    s.add_argument("--maturity", type=float, default=None,
+                   help="maturity T in years (default: 0.25 rbergomi, 1 rheston)")
     s.add_argument("--strikes", type=_strikes, default=_strikes("-0.3:0.2:11"),
                    help="log-strikes: FROM:TO:COUNT or a comma-separated list; write --strikes=-0.3:0.2:11 "
                         "when it starts with a minus (default: -0.3:0.2:11)")
@@ -141,6 +147,9 @@ def _plot(smiles, args, path: Path):
 
 
 def _cmd_smile(args) -> int:
+    for name, value in MODEL_DEFAULTS[args.model].items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
     methods = [args.method or DEFAULT_METHOD[args.model]] + ([args.compare] if args.compare else [])
     for m in methods:
         if m not in METHODS[args.model]:

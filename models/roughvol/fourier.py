@@ -212,7 +212,7 @@ def lewis_call_prices(log_strikes: torch.Tensor, log_phi, u_max: float, width: f
 
 
 def truncation(log_phi, max_abs_log_strike: float, tol: float = 1e-11, start: float = 25.0, limit: float = 800.0):
-    """The Lewis integral's truncation point: the first u = start·2^m with e^{|k|/2} |φ(u − i/2)| / (π u) < ``tol``.
+    """The Lewis integral's truncation point: the first u = start·1.25^m with e^{|k|/2} |φ(u − i/2)| / (π u) < ``tol``.
 
     |φ(u − i/2)| = |E √S_T e^{iu log S_T}| decays in u, so the neglected tail ∫_u^∞ |φ|/(v² + ¼) dv is below
     |φ(u − i/2)|/u. Returns ``limit`` if not reached (the caller's integral is then accurate to about the bound).
@@ -222,5 +222,5 @@ def truncation(log_phi, max_abs_log_strike: float, tol: float = 1e-11, start: fl
         mag = float(torch.exp(log_phi(torch.tensor([u - 0.5j], dtype=torch.complex128)).real.detach()[0]))
         if math.exp(0.5 * max_abs_log_strike) * mag / (math.pi * u) < tol:
             return u
-        u *= 2
+        u *= 1.25          # fine steps: the cost of the integral grows steeply with u_max
     return limit
