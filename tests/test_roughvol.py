@@ -178,6 +178,9 @@ def test_markov_rough_heston_matches_fourier_at_rough_hurst(rough_fourier):
     mc = model.smile(K_HESTON, 1.0, method="markov", paths=1 << 14, steps=1024,
                      generator=torch.Generator().manual_seed(1))
     assert mc.info.get("max_rate") == 64.0
+    atm = torch.zeros(1, dtype=torch.float64)
+    assert model.smile(atm, 1.0, method="markov", paths=256, steps=4, rates="optimal").info["max_rate"] == 64.0
+    assert model.smile(atm, 1.0, method="markov", paths=256, steps=4, max_rate=32.0).info["max_rate"] == 32.0
     excess = (mc.implied_vol - rough_fourier.implied_vol).abs() - (bonferroni_z(12) * mc.std_error + 1e-3)
     assert float(excess.max()) <= 0, ((mc.implied_vol - rough_fourier.implied_vol) / mc.std_error).tolist()
 

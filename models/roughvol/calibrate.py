@@ -140,7 +140,10 @@ def calibrate(model: _RoughModel, log_strikes, maturities, implied_vol, params=(
             return torch.as_tensor(rates, dtype=torch.float64)
         if rule["rates"] is None or abs(h - rule["hurst"]) > rate_refresh:
             rule["hurst"] = h
-            rule["rates"] = markov_rates(h, K, rates=rates, horizon=float(mats.max())).rates
+            horizon = float(mats.max())
+            cap = model._defaults().get("max_rate")                  # rough Heston's cap (docs/roughvol.md)
+            rule["rates"] = markov_rates(h, K, rates=rates, max_rate=None if cap is None else cap / horizon,
+                                         horizon=horizon).rates
         return rule["rates"]
 
     calls = [0]

@@ -250,12 +250,18 @@ class _RoughModel:
     def _defaults(cls) -> dict:
         return next(MARKOV_DEFAULTS[c.__name__] for c in cls.__mro__ if c.__name__ in MARKOV_DEFAULTS)
 
-    def _markov_options(self, num_processes, rates, dtype=None) -> dict:
+    def _markov_options(self, num_processes, rates, dtype=None, max_rate=None) -> dict:
+        """The Markov rule's settings; ``max_rate`` (units of 1/T) caps a rule's rates — default the model's cap
+        (rough Heston 64, rough Bergomi none); explicit rates are used as given."""
         if num_processes is not None:
             _check_count(num_processes, "num_processes")
-        return {"num_processes": num_processes or self._defaults()["num_processes"],
-                "rates": self._defaults()["rates"] if rates is None else rates, "dtype": dtype,
-                "max_rate": self._defaults().get("max_rate") if rates is None else None}
+        if max_rate is not None:
+            _check_range(max_rate, "max_rate", 0.0, math.inf)
+        rule = self._defaults()["rates"] if rates is None else rates
+        cap = (max_rate if max_rate is not None else self._defaults().get("max_rate")) if isinstance(rule, str) \
+            else None
+        return {"num_processes": num_processes or self._defaults()["num_processes"], "rates": rule, "dtype": dtype,
+                "max_rate": cap}
 
     def _factor_dtype(self, markov) -> torch.dtype:
         """dtype of the Markov factor paths: as asked, else float64 when a parameter requires a gradient (accurate
@@ -380,7 +386,8 @@ class RoughBergomi(_RoughModel):
     def smile(self, log_strikes, maturity: float, method: str = "markov", paths: int = 1 << 17,
               steps: int | None = None, generator: torch.Generator | None = None, antithetic: bool = True,
               control_variate: bool = True, num_processes: int | None = None, rates=None,
-              chunk: int | None = None, progress: bool = False, dtype: torch.dtype | None = None) -> Smile:
+              chunk: int | None = None, progress: bool = False, dtype: torch.dtype | None = None,
+              max_rate: float | None = None) -> Smile:
         """The implied-volatility smile at one maturity by Monte Carlo.
 
         Args:
@@ -400,6 +407,8 @@ class RoughBergomi(_RoughModel):
             progress: show a tqdm progress bar.
             dtype: of the Markov factor paths (default: float64 when a parameter requires a gradient, else float32,
                 whose normals are 4x cheaper; the spot and the payoffs are float64 either way).
+            max_rate: cap on a rule's rates in units of 1/T (default: the model's, :data:`MARKOV_DEFAULTS`; rough
+                Heston needs one, see docs/roughvol.md); ignored for explicit rates.
 
         Returns:
             :class:`Smile`.
@@ -410,7 +419,7 @@ class RoughBergomi(_RoughModel):
         if method not in ("markov", "exact"):
             raise ValueError(f"method must be 'markov' or 'exact' for RoughBergomi; got {method!r}")
         steps = self._defaults()["steps"] if steps is None else steps
-        markov = self._markov_options(num_processes, rates, dtype)
+        markov = self._markov_options(num_processes, rates, dtype, max_rate)
         return self._smile_mc(log_strikes, maturity, method, paths, steps, generator, antithetic, control_variate,
                               chunk, progress, markov)
 
@@ -501,7 +510,7 @@ class RoughHeston(_RoughModel):
               steps: int | None = None, generator: torch.Generator | None = None, antithetic: bool = True,
               control_variate: bool = True, num_processes: int | None = None, rates=None,
               chunk: int | None = None, progress: bool = False, dtype: torch.dtype | None = None,
-              u_max: float | None = None,
+              max_rate: float | None = None, u_max: float | None = None,
               panel_width: float = 8.0, richardson: bool = True) -> Smile:
         """The implied-volatility smile at one maturity.
 
@@ -512,7 +521,7 @@ class RoughHeston(_RoughModel):
                 Richardson-extrapolated with 512) or ``"markov"`` (Monte Carlo through
                 :func:`fracsde.volterra_sdeint`; defaults: K = 8, rates capped at 64/T, 2048 steps — uncapped rates
                 leave a bias of +0.01 in vol at H = 0.1, see docs/roughvol.md).
-            paths, generator, antithetic, control_variate, num_processes, rates, chunk, progress, dtype: as in
+            paths, generator, antithetic, control_variate, num_processes, rates, chunk, progress, dtype, max_rate: as in
                 :meth:`RoughBergomi.smile` (the antithetic partner here mirrors W⊥ only: V is not odd in W).
             u_max: truncation of the Fourier integral (default: where the tail is below 1e-11 in price).
             panel_width: widest Gauss–Legendre panel of the Fourier integral (16 nodes each).
@@ -526,7 +535,7 @@ class RoughHeston(_RoughModel):
         if method != "markov":
             raise ValueError(f"method must be 'fourier' or 'markov' for RoughHeston; got {method!r}")
         steps = self._defaults()["steps"] if steps is None else steps
-        markov = self._markov_options(num_processes, rates, dtype)
+        markov = self._markov_options(num_processes, rates, dtype, max_rate)
         return self._smile_mc(log_strikes, maturity, method, paths, steps, generator, antithetic, control_variate,
                               chunk, progress, markov)
 
