@@ -36,7 +36,7 @@ __all__ = ["RoughBergomi", "RoughHeston", "Smile", "MARKOV_DEFAULTS"]
 #: (K = 8: -0.0008 in vol, ~1.7 s.e.). Rough Heston: the rates capped at 64/T and 2048 steps (rate x step = 1/32),
 #: so that the left-point square-root scheme resolves every factor (at 2^17 paths, H = 0.1: within 3 s.e. + 0.001
 #: of Fourier; 1024 steps is not); uncapped rates leave a bias of +0.01 in vol at H = 0.1 whatever the steps
-#: (docs/roughvol.md). An explicit ``rates`` drops the cap.
+#: (docs/roughvol.md). Explicit rates (a tensor) drop the cap; a rule name keeps it.
 MARKOV_DEFAULTS = {"RoughBergomi": {"rates": "optimal", "num_processes": 16, "steps": 256},
                    "RoughHeston": {"rates": "optimal", "num_processes": 8, "steps": 2048, "max_rate": 64.0}}
 
