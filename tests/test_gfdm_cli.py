@@ -84,7 +84,8 @@ def test_train_writes_checkpoint_metrics_and_grids(runs):
     state = torch.load(full / "checkpoint.pt", weights_only=True)       # plain state dict
     assert state["step"] == 100 and state["dynamics"] == {      # read from the built dynamics
         "family": "fvp", "hurst": 0.9, "num_processes": 3, "gamma_max": 20.0, "normalize_weights": True,
-        "beta_min": 0.1, "beta_max": 20.0, "T": 1.0, "grid_size": 2048, "covariance_jitter": 0.0}
+        "beta_min": 0.1, "beta_max": 20.0, "T": 1.0, "grid_size": 2048, "covariance_jitter": 0.0,
+        "rates": "geometric", "max_rate": None}
     lines = [json.loads(x) for x in (full / "metrics.jsonl").read_text().splitlines()]
     losses = [x["loss"] for x in lines if "loss" in x]
     assert len(losses) == 10 and all(np.isfinite(losses))
