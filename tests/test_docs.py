@@ -3,7 +3,8 @@
 * Every dotted name of the library or the models that a page mentions (``fracsde.MarkovNoise``,
   ``models.gfdm.Preconditioned``, ``fracsde.kinds.KINDS``, …) and every name a page imports with
   ``from fracsde… import …`` / ``from models… import …`` resolves.
-* docs/gfdm.md's example prints the figures the page shows (README and CONTRIBUTING: their own test files).
+* docs/gfdm.md's and docs/pyro.md's examples print the figures the pages show (README and CONTRIBUTING: their own
+  test files). pyro.md's blocks that print nothing (the latent bridge fit, ~18 s) are not run here.
 """
 import importlib
 import pathlib
@@ -65,3 +66,12 @@ def test_gfdm_page_example_prints_what_the_page_shows():
     namespace = {"__name__": "gfdm_page"}
     for i, (code, printed) in enumerate(found):
         check_block(code, printed, namespace, f"docs/gfdm.md block {i}")
+
+
+def test_pyro_page_examples_print_what_the_page_shows():
+    from doc_snippets import blocks, check_block
+
+    found = [(code, printed) for code, printed in blocks((ROOT / "docs" / "pyro.md").read_text()) if printed]
+    assert len(found) == 2                  # NUTS on an fBM path; the classical estimators' table
+    for i, (code, printed) in enumerate(found):
+        check_block(code, printed, {"__name__": "pyro_page"}, f"docs/pyro.md printing block {i}")
