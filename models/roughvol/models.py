@@ -374,12 +374,24 @@ class RoughBergomi(_RoughModel):
         def variance(y):
             return xi * torch.exp(eta * y - 0.5 * eta * eta * var_y)
 
+        # Without a gradient and without an explicit dtype, (B̂, W) come from their joint innovations: two normals
+        # per step whatever K, instead of the K + 1 of the factor recursion (whose weights, unlike the innovations
+        # plan, carry a graph to H). An explicit dtype keeps the factor recursion either way, so that runs with
+        # and without a gradient share their random numbers (as the pathwise-gradient checks need).
+        factors = markov.get("dtype") is not None or omega.requires_grad or any(
+            isinstance(v, torch.Tensor) and v.requires_grad for v in self.parameters_dict().values())
+
         def sample(n, g):
-            xs, w = volterra_sdeint(unit, torch.zeros(n, 1, dtype=factor_dtype), ts, generator=g,
-                                    return_brownian=True)
-            xs, w = xs.to(torch.float64), w.to(torch.float64)
-            y = scale * xs[:-1, :, 0].T                                               # (n, N) at the left points
-            return variance(y), torch.diff(w[:, :, 0], dim=0).T, lambda v, dw: (variance(-y), -dw)
+            if factors:
+                xs, w = volterra_sdeint(unit, torch.zeros(n, 1, dtype=factor_dtype), ts, generator=g,
+                                        return_brownian=True)
+                bhat, w = xs[:, :, 0].T.to(torch.float64), w[:, :, 0].T.to(torch.float64)        # (n, N + 1)
+            else:
+                bhat, w = noise.sample(ts, n, generator=g, dtype=factor_dtype, return_brownian=True,
+                                       method="innovations")
+                bhat, w = bhat.to(torch.float64), w.to(torch.float64)
+            y = scale * bhat[:, :-1]                                                  # (n, N) at the left points
+            return variance(y), torch.diff(w, dim=1), lambda v, dw: (variance(-y), -dw)
 
         return sample
 
@@ -406,7 +418,10 @@ class RoughBergomi(_RoughModel):
             chunk: paths per batch (default: about 64 MB of work space; memory is bounded by it, not by paths).
             progress: show a tqdm progress bar.
             dtype: of the Markov factor paths (default: float64 when a parameter requires a gradient, else float32,
-                whose normals are 4x cheaper; the spot and the payoffs are float64 either way).
+                whose normals are 4x cheaper; the spot and the payoffs are float64 either way). Without a gradient
+                and without ``dtype``, (Y, W) are drawn from their joint innovations (``MarkovNoise.sample(...,
+                return_brownian=True, method="innovations")``: 2 normals per step instead of K + 1); an explicit
+                ``dtype`` keeps the factor recursion, so runs with and without a gradient share random numbers.
             max_rate: cap on a rule's rates in units of 1/T (default: the model's, :data:`MARKOV_DEFAULTS`; rough
                 Heston needs one, see docs/roughvol.md); ignored for explicit rates.
 
