@@ -24,16 +24,16 @@ class _Fractional(LinearFractionalDynamics):
     family = ""
 
     def __init__(self, schedule: Schedule, hurst: float, num_processes: int, gamma_max: float,
-                 normalize_weights: bool, grid_size: int, covariance_jitter: float = 0.0, x_variance_offset: float = 0.0,
-                 rates: str = "geometric", max_rate: float | None = None):
+                 normalize_weights: bool, grid_size: int, covariance_jitter: float = 0.0,
+                 x_variance_offset: float = 0.0, rates: str = "geometric", max_rate: float | None = None):
         V.check_positive_int(num_processes, "num_processes", 0)
         V.check_hurst(hurst)
         self.rates, self.max_rate = rates, max_rate
         if num_processes > 0:
-            noise = MarkovApproxFBM(hurst=float(hurst), num_processes=num_processes, gamma_max=gamma_max,
-                                    kind="type2", horizon=schedule.horizon, rates=rates, max_rate=max_rate)
-            gammas, weights = noise.gammas.clone(), noise.weights.detach().clone()
-            approx_error = float(noise.approximation_error)
+            fitted = MarkovApproxFBM(hurst=float(hurst), num_processes=num_processes, gamma_max=gamma_max,
+                                     kind="type2", horizon=schedule.horizon, rates=rates, max_rate=max_rate)
+            gammas, weights = fitted.gammas.clone(), fitted.weights.detach().clone()
+            approx_error = float(fitted.approximation_error)
         else:
             gammas = weights = torch.zeros(0, dtype=torch.float64)
             approx_error = 0.0

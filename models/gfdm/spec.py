@@ -18,9 +18,10 @@ from __future__ import annotations
 import inspect
 import math
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Any, Mapping
+from typing import Any
 
 from .dynamics import FVE, FVP
 
@@ -38,7 +39,7 @@ _TRUE, _FALSE = ("true", "yes", "on", "1"), ("false", "no", "off", "0")
 def _arguments(family: str) -> dict[str, Any]:
     """Constructor argument → default, for the arguments a family takes."""
     cls, fractional = FAMILIES[family]
-    params = inspect.signature(cls.__init__).parameters
+    params = inspect.signature(cls).parameters
     return {name: p.default for name, p in params.items()
             if name != "self" and (fractional or name not in _FRACTIONAL_ONLY)}
 
@@ -168,7 +169,7 @@ class DynamicsSpec:
 
     # --------------------------------------------------------------------------------- reading
     @classmethod
-    def parse(cls, text: str, defaults: Mapping[str, Any] | None = None) -> "DynamicsSpec":
+    def parse(cls, text: str, defaults: Mapping[str, Any] | None = None) -> DynamicsSpec:
         """``"vp"``, ``"fvp:H=0.9,K=3"``, ``"fve:H=0.7,K=2,sigma_max=80"``, …
 
         ``defaults``: values (by argument name) for the arguments the text does not name, instead of the
@@ -193,7 +194,7 @@ class DynamicsSpec:
         return cls(family, _complete(family, {**given, **fill}, where))
 
     @classmethod
-    def from_dict(cls, d: Mapping) -> "DynamicsSpec":
+    def from_dict(cls, d: Mapping) -> DynamicsSpec:
         """Inverse of :meth:`to_dict`; also reads the older checkpoint entry
         ``{"name": "fvp", "hurst": 0.9, "num_processes": 3}`` (``{"name": "vp", "hurst": None, …}``)."""
         if not isinstance(d, Mapping):
@@ -208,7 +209,7 @@ class DynamicsSpec:
         raise ValueError(f"a dynamics description needs a 'family' key; got keys {sorted(d)}")
 
     @classmethod
-    def from_dynamics(cls, dyn) -> "DynamicsSpec":
+    def from_dynamics(cls, dyn) -> DynamicsSpec:
         """The spec of built FVP/FVE dynamics, read from its attributes (K = 0 gives vp/ve)."""
         if getattr(dyn, "family", None) not in ("FVP", "FVE"):
             raise TypeError(f"from_dynamics needs FVP or FVE dynamics; got {type(dyn).__name__}")
@@ -278,7 +279,8 @@ class RunSpec:
     """A dynamics and the training recipe of one row of ``gfdm compare``: ``SPEC[@key=value;key=value]``.
 
     E.g. ``"fvp:H=0.9,K=3"`` (the paper's recipe), ``"fvp:H=0.9,K=3,covariance_jitter=1e-4"`` (its code's
-    jitter), ``"fvp:H=0.9,K=3@precondition=edm;time_sampling=like:vp"`` (noise-aware), ``"vp@time_sampling=like:fvp:H=0.9,K=2"``.
+    jitter), ``"fvp:H=0.9,K=3@precondition=edm;time_sampling=like:vp"`` (noise-aware),
+    ``"vp@time_sampling=like:fvp:H=0.9,K=2"``.
     Keys after ``@``: ``time_sampling``, ``precondition``, ``sigma_data`` (``;``-separated, since specs hold commas).
     """
 
@@ -289,7 +291,7 @@ class RunSpec:
         object.__setattr__(self, "recipe", MappingProxyType(dict(self.recipe)))
 
     @classmethod
-    def parse(cls, text: str) -> "RunSpec":
+    def parse(cls, text: str) -> RunSpec:
         base, at, rest = str(text).partition("@")
         recipe = {}
         if at:
@@ -324,4 +326,5 @@ class RunSpec:
         return hash((self.dynamics, tuple(sorted(self.recipe.items()))))
 
     def __eq__(self, other):
-        return isinstance(other, RunSpec) and self.dynamics == other.dynamics and dict(self.recipe) == dict(other.recipe)
+        return (isinstance(other, RunSpec) and self.dynamics == other.dynamics
+                and dict(self.recipe) == dict(other.recipe))
