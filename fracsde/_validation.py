@@ -7,7 +7,7 @@ what went wrong.
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 
@@ -104,7 +104,7 @@ def check_batch_size(batch_size) -> int:
     return check_positive_int(batch_size, "batch_size", 1)
 
 
-def check_choice(value, name: str, choices: Sequence[str]) -> str:
+def check_choice(value, name: str, choices: Sequence) -> str:
     if value not in choices:
         raise ValueError(f"{name} must be one of {tuple(choices)}; got {value!r}")
     return value

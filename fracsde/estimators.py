@@ -16,7 +16,8 @@ the estimate has shape ``(*batch,)``. Computation is float64.
 from __future__ import annotations
 
 import math
-from typing import NamedTuple, Optional, Sequence
+from collections.abc import Sequence
+from typing import NamedTuple
 
 import torch
 
@@ -61,7 +62,7 @@ def _window_grid(min_window: int, max_window: int, num: int) -> torch.Tensor:
     return torch.unique(torch.round(grid)).to(torch.long)
 
 
-def _check_windows(min_window: int, max_window: Optional[int], n: int, default_max: int, name: str):
+def _check_windows(min_window: int, max_window: int | None, n: int, default_max: int, name: str):
     V.check_positive_int(min_window, "min_window", 2)
     max_window = default_max if max_window is None else V.check_positive_int(max_window, "max_window", 2)
     if max_window > n:
@@ -73,7 +74,7 @@ def _check_windows(min_window: int, max_window: Optional[int], n: int, default_m
 
 
 # ---------------------------------------------------------------------------------------- variogram
-def variogram_hurst(path, lags: Optional[Sequence[int]] = None, max_lag: int = 16, p: float = 2.0) -> HurstEstimate:
+def variogram_hurst(path, lags: Sequence[int] | None = None, max_lag: int = 16, p: float = 2.0) -> HurstEstimate:
     """Hurst index from the scaling of mean |x_{t+m} − x_t|^p ∝ m^{pH} over lags m (slope / p).
 
     Args:
@@ -90,13 +91,13 @@ def variogram_hurst(path, lags: Optional[Sequence[int]] = None, max_lag: int = 1
     if lags is None:
         V.check_positive_int(max_lag, "max_lag", 2)         # a regression needs two lags
         lags = range(1, min(max_lag, n // 4) + 1)
-    lags = torch.as_tensor(list(lags), dtype=torch.long)
-    if lags.numel() < 2 or bool((lags < 1).any()) or bool((lags >= n).any()):
-        raise ValueError(f"lags must hold at least two integers in [1, {n - 1}]; got {lags.tolist()}")
-    stat = torch.stack([(x[..., m:] - x[..., :-m]).abs().pow(p).mean(-1) for m in lags.tolist()], -1)
+    lag_t = torch.as_tensor(list(lags), dtype=torch.long)
+    if lag_t.numel() < 2 or bool((lag_t < 1).any()) or bool((lag_t >= n).any()):
+        raise ValueError(f"lags must hold at least two integers in [1, {n - 1}]; got {lag_t.tolist()}")
+    stat = torch.stack([(x[..., m:] - x[..., :-m]).abs().pow(p).mean(-1) for m in lag_t.tolist()], -1)
     if bool((stat <= 0).any()):
         raise ValueError("path is constant over some lag; the variogram is zero and its log undefined")
-    scales = lags.to(torch.float64)
+    scales = lag_t.to(torch.float64)
     slope, intercept = _loglog_fit(scales, stat)
     return HurstEstimate(slope / p, scales, stat, slope, intercept)
 
@@ -118,7 +119,7 @@ def anis_lloyd_expected_rs(window) -> torch.Tensor:
     return torch.stack(out).reshape(n.shape).to(torch.float64)
 
 
-def rescaled_range_hurst(increments, min_window: int = 16, max_window: Optional[int] = None,
+def rescaled_range_hurst(increments, min_window: int = 16, max_window: int | None = None,
                          num_windows: int = 12, correction: str = "anis-lloyd") -> HurstEstimate:
     """Hurst's rescaled-range (R/S) estimate from increments (fGn-like noise).
 
@@ -158,7 +159,7 @@ def rescaled_range_hurst(increments, min_window: int = 16, max_window: Optional[
 
 
 # ---------------------------------------------------------------------------------------- DFA
-def dfa_hurst(increments, min_window: int = 10, max_window: Optional[int] = None, num_windows: int = 12,
+def dfa_hurst(increments, min_window: int = 10, max_window: int | None = None, num_windows: int = 12,
               order: int = 1) -> HurstEstimate:
     """Detrended fluctuation analysis (DFA-``order``) from increments (fGn-like noise).
 

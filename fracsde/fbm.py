@@ -7,8 +7,6 @@ Type II (Riemann–Liouville): B_t = 1/Γ(H+½) ∫_0^t (t − u)^{H−½} dW_u 
 """
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 
 from . import _validation as V
@@ -22,6 +20,14 @@ METHODS = ("auto", "cholesky", "davies-harte")
 
 class FractionalBrownianMotion:
     """Exact fBM of Hurst index ``hurst``, of ``kind`` "type1" (standard) or "type2" (Riemann–Liouville).
+
+    Args:
+        hurst: H in (0, 1), a number or a 0-d tensor (one process; a batch of H is refused).
+        kind: ``"type1"`` (Mandelbrot–van Ness, stationary increments; Davies–Harte on uniform grids) or
+            ``"type2"`` (Riemann–Liouville; Cholesky).
+
+    Raises:
+        ValueError: H outside (0, 1), a tensor of several H, or an unknown kind.
 
     Example:
         >>> fbm = FractionalBrownianMotion(0.7)
@@ -56,8 +62,8 @@ class FractionalBrownianMotion:
         return get_kind(self.kind).covariance(torch.as_tensor(self.hurst, dtype=torch.float64), s, t)
 
     # ------------------------------------------------------------------ sampling
-    def sample(self, ts, batch_size: int = 1, method: str = "auto", generator: Optional[torch.Generator] = None,
-               dtype: Optional[torch.dtype] = None, device=None) -> torch.Tensor:
+    def sample(self, ts, batch_size: int = 1, method: str = "auto", generator: torch.Generator | None = None,
+               dtype: torch.dtype | None = None, device=None) -> torch.Tensor:
         """Paths ``(batch_size, len(ts))``, exact in law.
 
         method: "cholesky" (any strictly increasing grid, both kinds, O(N³) once + O(N²) per path),
@@ -124,7 +130,7 @@ class FractionalBrownianMotion:
         return full[:, k0:].contiguous()
 
 
-def _uniform_from_zero(ts: torch.Tensor) -> Optional[float]:
+def _uniform_from_zero(ts: torch.Tensor) -> float | None:
     """Return δ if ts[i] = (k0 + i) δ for an integer k0 ≥ 0 (within round-off), else None."""
     if ts.numel() < 2:
         return float(ts[0]) if ts.numel() == 1 and float(ts[0]) > 0 else None

@@ -46,7 +46,8 @@ def geometric_gammas(num_processes: int, gamma_max: float = 20.0, dtype=torch.fl
     Args:
         num_processes: K ≥ 1.
         gamma_max: the largest rate, > 1 (units: 1/horizon; the smallest is 1/gamma_max).
-        dtype, device: of the returned tensor.
+        dtype: of the returned tensor.
+        device: of the returned tensor.
 
     Returns:
         (K,) ascending rates.

@@ -100,7 +100,8 @@ class FractionalSDE(nn.Module):
     Args:
         noise: the :class:`~fracsde.MarkovNoise` that drives the SDE — a :class:`MarkovApproxFBM` or any
             user-given rates and weights; it is a submodule, so a learnable Hurst index is a parameter of the SDE.
-        noise_type, sde_type: override the class attributes for this instance.
+        noise_type: overrides the class attribute for this instance.
+        sde_type: overrides the class attribute for this instance.
 
     Example:
         >>> class FractionalOU(FractionalSDE):
@@ -681,8 +682,9 @@ def sdeint(sde: FractionalSDE, x0: torch.Tensor, ts, method: str | None = None, 
             ``(len(ts), batch)``, the KL between the controlled and the uncontrolled path laws.
         bm: a torchsde Brownian motion of shape ``(batch, m)`` to reuse (common random numbers,
             adjoint vs backprop); by default a ``BrownianInterval`` with the ``dt`` hint is built.
-        generator / entropy: seed the Brownian motion (and the type I initial OU states) from a
-            ``torch.Generator`` or an int; without either, torch's global RNG is used.
+        generator: seeds the Brownian motion (and the type I initial OU states); without it or ``entropy``,
+            torch's global RNG is used.
+        entropy: an int seed instead of a generator.
         check_finite: raise :class:`NonFiniteStateError`, naming the time interval, if the
             solution is NaN/inf at an output time (one host sync after the solve).
         adjoint_checkpoints: with ``adjoint=True`` and fixed steps, also store the state every

@@ -262,12 +262,12 @@ def test_bad_evaluate_inputs_are_one_line_errors(run, tmp_path, capsys):
     assert "--nll-num must be >= 1; got 0" in _one_error(capsys)
     bad = tmp_path / "inception.pth"
     bad.write_bytes(b"\x80\x02 not a pickle at all")
-    assert main(["evaluate", "--samples", str(samples), "--inception", str(bad), "--out", str(tmp_path / "e.json")]) == 2
+    out = str(tmp_path / "e.json")
+    assert main(["evaluate", "--samples", str(samples), "--inception", str(bad), "--out", out]) == 2
     assert f"Inception weights {bad} cannot be read" in _one_error(capsys)
 
 
 def test_bad_checkpoint_paths_say_what_they_are(run, tmp_path, capsys):
-    import os
 
     assert main(["sample", "--checkpoint", str(run), "--num", "2"]) == 2
     assert f"checkpoint {run} is a folder, not a file" in _one_error(capsys)

@@ -207,7 +207,7 @@ def test_compare_prints_one_table(tmp_path, env, capsys, monkeypatch):
     assert main(["compare", *TINY, "--steps", "20", "--batch-size", "32", "--num-samples", "60",
                  "--sample-steps", "10", "--log-every", "10", "--out", str(out), "--reuse"]) == 0
     again = json.loads((out / "compare.json").read_text())["rows"]
-    for a, b in zip(rows[:2], again[:2]):
+    for a, b in zip(rows[:2], again[:2], strict=True):
         assert (a["loss"], a["train_time_s"], a["fid"]) == (b["loss"], b["train_time_s"], b["fid"])
 
 

@@ -16,6 +16,7 @@ import hashlib
 import os
 import random
 import tempfile
+import typing
 from pathlib import Path
 
 import numpy as np
@@ -164,7 +165,7 @@ def check_state_dict(model: nn.Module, state: dict, what: str, path) -> None:
 
 def rng_state() -> dict:
     """torch's, numpy's and Python's global RNG states as tensors and plain values (``weights_only``-loadable)."""
-    np_state = np.random.get_state()
+    np_state: typing.Any = np.random.get_state()  # the legacy tuple form (legacy=True, the default)
     py_state = random.getstate()
     return {"torch": torch.get_rng_state(),
             "numpy": {"keys": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),
@@ -202,7 +203,7 @@ def load_for_sampling(path, device="cpu", weights: str = "ema"):
     weights_state = state["ema" if weights == "ema" else "model"]
     check_state_dict(net, weights_state, weights, path)
     net.load_state_dict(weights_state)
-    config = state.get("config") if isinstance(state.get("config"), dict) else {}
+    config = state["config"] if isinstance(state.get("config"), dict) else {}
     dyn = dyn.to(device)
     model = make_eps_model(net.to(device), dyn, config.get("precondition", "none"), config.get("sigma_data", 0.5))
     return model.eval(), dyn, state

@@ -59,7 +59,7 @@ def _threads(text: str) -> int:
 def _sampler_names() -> tuple[str, ...]:
     from . import sampling
 
-    return tuple(getattr(sampling, "SAMPLERS", None) or sampling.METHODS)
+    return tuple(sampling.SAMPLERS)
 
 
 def _dynamics_text(text: str) -> str:
@@ -272,7 +272,7 @@ def _apply_config(sub: argparse.ArgumentParser, values: dict, path: str, command
         raise _ArgError(f"config file {path}: unknown keys {unknown}; allowed: {sorted(actions)}")
     checked = {}
     for key, v in values.items():
-        a = actions[key]
+        a: typing.Any = actions[key]        # argparse.Action; its .type is a callable here
         if v is None and a.default is not None and not isinstance(a, argparse.BooleanOptionalAction):
             raise _ArgError(f"config file {path}: {key}=null is invalid (it has no 'unset' value; give a value or "
                             f"leave the key out for its default {a.default!r})")
@@ -524,17 +524,18 @@ def _evaluate(args, ctx, log, out: Path, x, dataset, seconds) -> int:
     test = load_dataset(dataset, args.data_root, "test", args.download)
     results = {}
     if ctx.is_main:
+        assert x is not None                    # the main rank holds the samples
         results = evaluate_samples(x, train, test, inception=args.inception, cache_dir=args.cache_dir,
                                    device=ctx.device, ref_max=args.ref_max, log=log,
                                    fid_convention=args.fid_convention, progress=args.progress)
         results.update({"dataset": dataset, "sampling_seconds": seconds,
                         "source": args.samples or args.checkpoint})
     if args.nll:
-        model, dyn, _ = load_for_sampling(args.checkpoint, device=ctx.device, weights=args.weights)
+        model, dyn, state = load_for_sampling(args.checkpoint, device=ctx.device, weights=args.weights)
         nll = nll_bits_per_dim(model, dyn, test, args.nll_num, steps=args.nll_steps,
                                hutchinson_samples=args.nll_hutchinson, seed=args.seed, ctx=ctx,
                                class_cond=bool(state["unet_config"]["num_classes"]))
-        if ctx.is_main:
+        if ctx.is_main and nll is not None:
             results.update(nll)
     if not ctx.is_main:
         return 0
@@ -579,7 +580,7 @@ def _read_samples(path) -> tuple[torch.Tensor, dict]:
 
 
 def _matching_dataset(flag: str | None, recorded: str | None, source) -> str:
-    """The dataset to evaluate against: the one ``source`` records, which ``--dataset`` may repeat but not contradict."""
+    """The dataset to evaluate against: the one ``source`` records (``--dataset`` may repeat, not contradict it)."""
     if flag and recorded and flag != recorded:
         raise ValueError(f"--dataset {flag} does not match {source}, which holds {recorded} images; drop --dataset "
                          f"or pass --dataset {recorded}")

@@ -92,6 +92,7 @@ def _compare(specs, base, out, ctx, *, num_samples, sample_steps, method, sample
                            method=method, seed=derive_seed(base.seed, 0xC0FE), labels=labels, ctx=ctx, grid=grid)
         sample_time = time.perf_counter() - t0
         if ctx.is_main:
+            assert samples is not None                                    # the main rank holds the samples
             save_grid(samples[:100], out / f"grid-{spec.slug}.png", title=spec.label,
                       scale=max(1, 64 // max(train_data.shape[1:])))
             metrics = evaluate_samples(samples, train_data, test_data, inception=inception, cache_dir=cache_dir,

@@ -79,14 +79,20 @@ class FVP(_Fractional):
     """Fractional variance preserving: β(t) = β_min + (β_max − β_min) t/T, μ = −β/2, g = √β.
 
     Args:
-        hurst: H ∈ (0, 1); num_processes: K ≥ 0 (0 = VP); gamma_max: largest OU rate of the geometric grid;
-        rates, max_rate: the rate rule of :class:`fracsde.MarkovApproxFBM` (``"geometric"``, ``"optimal"``,
-            ``"quadrature"``) and its cap on the largest rate; the coefficient tables refuse rates they cannot
-            resolve in float64, naming the limit (e.g. K = 8 needs max_rate ≤ 20 at H = 0.2);
-        normalize_weights: rescale ω so that Var(X_T | x_0) = 1 − c(T)² as for VP;
-        beta_min, beta_max, T: the schedule and the horizon; grid_size: knots of the coefficient tables.
+        hurst: H ∈ (0, 1).
+        num_processes: K ≥ 0 (0 = VP).
+        gamma_max: largest OU rate of the geometric grid.
+        normalize_weights: rescale ω so that Var(X_T | x_0) = 1 − c(T)² as for VP.
+        beta_min: β(0) of the schedule.
+        beta_max: β(T) of the schedule.
+        T: the horizon.
+        grid_size: knots of the coefficient tables.
         covariance_jitter: 0 (exact, default) or the official code's 1e−4: its conditional law of X given Y,
             from Σ_YY + jitter·diag(e^{−2γt}), in training and sampling (see docs/gfdm.md, "paper-compatible mode").
+        rates: the rate rule of :class:`fracsde.MarkovApproxFBM` (``"geometric"``, ``"optimal"``, ``"quadrature"``);
+            the coefficient tables refuse rates they cannot resolve in float64, naming the limit (e.g. K = 8 needs
+            max_rate ≤ 20 at H = 0.2).
+        max_rate: cap on the rule's largest rate (1/time).
     """
 
     family = "FVP"
@@ -102,8 +108,19 @@ class FVP(_Fractional):
 class FVE(_Fractional):
     """Fractional variance exploding: μ = 0, g = σ_min √(2 ln r / T) r^{t/T}, r = σ_max/σ_min.
 
-    Args as :class:`FVP`, with ``sigma_min``, ``sigma_max`` instead of β; K = 0 is VE.
-    ``sigma_min_offset``: add σ_min² to Σ_XX as the official code does (Song et al.'s VE convention).
+    Args:
+        hurst: H ∈ (0, 1).
+        num_processes: K ≥ 0 (0 = VE).
+        gamma_max: largest OU rate of the geometric grid.
+        normalize_weights: rescale ω so that Var(X_T | x_0) = σ_min²((σ_max/σ_min)² − 1) as for VE.
+        sigma_min: σ(0) > 0.
+        sigma_max: σ(T) > sigma_min.
+        T: the horizon.
+        grid_size: knots of the coefficient tables.
+        covariance_jitter: as in :class:`FVP`.
+        sigma_min_offset: add σ_min² to Σ_XX as the official code does (Song et al.'s VE convention).
+        rates: the rate rule, as in :class:`FVP`.
+        max_rate: cap on the rule's largest rate (1/time).
     """
 
     family = "FVE"

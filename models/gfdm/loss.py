@@ -9,7 +9,7 @@ plain VP/VE training step.
 """
 from __future__ import annotations
 
-from typing import Callable, Optional
+from collections.abc import Callable
 
 import torch
 
@@ -42,7 +42,7 @@ def check_t_eps(t_eps: float, horizon: float) -> float:
 
 
 def perturb(dynamics: LinearFractionalDynamics, x0: torch.Tensor, t: torch.Tensor,
-            generator: Optional[torch.Generator] = None):
+            generator: torch.Generator | None = None):
     """(u, ε): u = c(t) x_0 + σ̃(t) ε with ε ~ N(0, I), for t of shape (batch,)."""
     view = (-1,) + (1,) * (x0.dim() - 1)
     eps = torch.randn(x0.shape, generator=generator, dtype=x0.dtype, device=x0.device)
@@ -52,8 +52,8 @@ def perturb(dynamics: LinearFractionalDynamics, x0: torch.Tensor, t: torch.Tenso
 
 
 def score_matching_loss(eps_model: Callable, dynamics: LinearFractionalDynamics, x0: torch.Tensor,
-                        t_eps: float = 1e-5, generator: Optional[torch.Generator] = None,
-                        model_kwargs: Optional[dict] = None, reduction: str = "mean",
+                        t_eps: float = 1e-5, generator: torch.Generator | None = None,
+                        model_kwargs: dict | None = None, reduction: str = "mean",
                         time_sampling="uniform", check_finite: bool = True) -> torch.Tensor:
     """Mean (over batch and coordinates) of w(t)‖ε_θ(u, t) − ε‖², t ~ ``time_sampling``, u = c x_0 + σ̃ ε.
 
@@ -65,6 +65,23 @@ def score_matching_loss(eps_model: Callable, dynamics: LinearFractionalDynamics,
     ``reduction="none"`` returns the per-sample loss (batch,). ``check_finite``: refuse an x0 holding NaN or
     infinity (one host synchronisation; the training loop, whose 8-bit images are finite by construction,
     turns it off and then has no host synchronisation here).
+
+    Args:
+        eps_model: the ε-network, called as ``eps_model(u, t, **model_kwargs)``.
+        dynamics: an FVP/FVE (any :class:`fracsde.LinearFractionalDynamics`).
+        x0: (batch, *shape) clean data.
+        t_eps: smallest training time, in (0, T).
+        generator: for t and the noise.
+        model_kwargs: extra arguments of the network (e.g. class labels).
+        reduction: ``"mean"`` or ``"none"``.
+        time_sampling: the training-time law (see above).
+        check_finite: refuse non-finite x0 (and name a non-finite network output).
+
+    Returns:
+        The loss: a 0-d tensor, or (batch,) with ``reduction="none"``.
+
+    Raises:
+        ValueError: bad t_eps, reduction or time law; non-finite x0 or network output.
     """
     check_data(x0, finite=check_finite)
     t_eps = check_t_eps(t_eps, dynamics.horizon)

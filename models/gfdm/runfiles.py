@@ -141,12 +141,13 @@ def atomic_write(path, write: Callable, mode: str = "wb") -> Path:
 def _os_error(e: BaseException) -> OSError | None:
     """The OSError behind ``e``: itself, or the one a writer turned into another exception (torch's zip writer
     reports a full disk as a RuntimeError about the file position, raised while handling the OSError)."""
+    current: BaseException | None = e
     for _ in range(5):
-        if isinstance(e, OSError) and e.errno is not None:
-            return e
-        e = e.__cause__ or e.__context__
-        if e is None:
+        if current is None:
             return None
+        if isinstance(current, OSError) and current.errno is not None:
+            return current
+        current = current.__cause__ or current.__context__
     return None
 
 

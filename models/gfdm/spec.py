@@ -142,6 +142,14 @@ class DynamicsSpec:
     ``kwargs`` may be partial (and use ``H``/``K``) when constructing; it is completed with the defaults,
     checked and made read-only, so two specs of the same dynamics compare equal. The text form is accepted
     too: ``DynamicsSpec("fvp:H=0.9,K=3,gamma_max=10") == DynamicsSpec.parse("fvp:H=0.9,K=3,gamma_max=10")``.
+
+    Args:
+        family: ``"vp"``, ``"ve"``, ``"fvp"`` or ``"fve"``, or the whole text form ``"fvp:H=0.9,K=3"``.
+        kwargs: constructor arguments of the family's class by name or short name (``H``, ``K``); missing ones
+            take the class's defaults.
+
+    Raises:
+        ValueError: an unknown family or key, a value of the wrong type or out of range (naming it).
     """
 
     family: str

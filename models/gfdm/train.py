@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 import models.gfdm as core  # the GFDM core (dynamics, loss, samplers); attribute access at call time
+from fracsde.linear import LinearFractionalDynamics
 
 from . import distributed
 from .checkpoint import (
@@ -87,7 +88,7 @@ class _Run:
     fingerprint: str
     unet_config: UNetConfig
     model: nn.Module
-    dyn: nn.Module
+    dyn: LinearFractionalDynamics
     dynamics: dict                # DynamicsSpec dict read from the built dynamics (the checkpoint's entry)
     label: str
     opt: torch.optim.Optimizer
@@ -333,7 +334,7 @@ def _train_step(run: _Run, net: nn.Module, eps_model, loss_sum: torch.Tensor) ->
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         model_kwargs = {"y": y} if cfg.class_cond else None
         last = not ctx.distributed or micro == cfg.grad_accum - 1
-        with nullcontext() if last else net.no_sync():                   # all-reduce on the last shard only
+        with nullcontext() if last else net.no_sync():  # type: ignore[operator]                   # all-reduce on the last shard only
             loss = core.score_matching_loss(eps_model, run.dyn, x, t_eps=cfg.t_eps, generator=noise_gen,
                                             model_kwargs=model_kwargs, time_sampling=run.time_sampler,
                                             check_finite=False)       # 8-bit images: finite, no host sync
@@ -356,9 +357,11 @@ def _note_non_finite(run: _Run, loss: torch.Tensor) -> None:
     if run.first_bad is None:
         run.first_bad = torch.zeros((), dtype=torch.int64, device=loss.device)
         run.bad_loss = torch.zeros((), dtype=loss.dtype, device=loss.device)
-    new = (run.first_bad == 0) & ~torch.isfinite(loss)
-    run.first_bad = torch.where(new, run.step + 1, run.first_bad)
-    run.bad_loss = torch.where(new, loss, run.bad_loss)
+    first_bad, bad_loss = run.first_bad, run.bad_loss
+    assert bad_loss is not None
+    new = (first_bad == 0) & ~torch.isfinite(loss)
+    run.first_bad = torch.where(new, run.step + 1, first_bad)
+    run.bad_loss = torch.where(new, loss, bad_loss)
 
 
 def _check_finite(run: _Run) -> None:
@@ -369,7 +372,8 @@ def _check_finite(run: _Run) -> None:
     if not run.ctx.any(first_bad > 0 or not weights_ok):
         return
     cfg = run.cfg
-    what = (f"loss {float(run.bad_loss)} at step {first_bad}" if first_bad else
+    bad = float(run.bad_loss) if run.bad_loss is not None else math.nan
+    what = (f"loss {bad} at step {first_bad}" if first_bad else
             f"the weights became non-finite by step {run.step} (last logged loss {run.last_loss:.4g})")
     kept = (f"the last finite checkpoint (step {run.saved_step}) is kept in {run.ckpt_path}"
             if run.saved_step is not None else "no checkpoint was written")
@@ -398,6 +402,7 @@ def _write_grid(run: _Run) -> Path:
                       steps=cfg.grid_steps, seed=derive_seed(cfg.seed, 0x96D), labels=labels,
                       method=cfg.sampler, grid=cfg.grid,
                       device=run.ctx.device)
+    assert images is not None                       # one process (the grid is written by the main rank only)
     return save_grid(images, run.out / "samples" / f"grid-{run.step:07d}.png")
 
 
@@ -481,7 +486,7 @@ def _train(run: _Run, resume_path: Path | None, log) -> dict:
     t_start = time.perf_counter()
     loss_sum, loss_count = torch.zeros((), device=ctx.device), 0     # over the shards of one log interval
     stopped = None
-    metrics_file = open(metrics_path, "a") if ctx.is_main else None
+    metrics_file = open(metrics_path, "a") if metrics_path is not None else None
     try:
         with _stop_on_signals() as stop:
             run.model.train()

@@ -95,9 +95,9 @@ def calibrate(model: _RoughModel, log_strikes, maturities, implied_vol, params=(
         lr: Adam's initial learning rate (unconstrained coordinates; it decays tenfold over ``iterations``).
         tol: stop when the vol RMSE is below it.
         optimizer: ``"adam"`` (gradients) or ``"nelder-mead"`` (scipy, no gradients).
-        num_processes, rates: the Markov rule (default K = 8; ``rates`` a rule name of :func:`fracsde.markov_rates`,
-            its rates fixed at the current H and re-derived after H moves by ``rate_refresh``, or explicit rates,
-            held fixed throughout).
+        num_processes: K of the Markov rule (default 8).
+        rates: a rule name of :func:`fracsde.markov_rates` (its rates fixed at the current H and re-derived after H
+            moves by ``rate_refresh``) or explicit rates, held fixed throughout.
         verbose: print progress every ``print_every`` iterations.
 
     Returns:

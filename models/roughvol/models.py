@@ -413,8 +413,9 @@ class RoughBergomi(_RoughModel):
             generator: a ``torch.Generator`` (fixed seed = common random numbers).
             antithetic: pair every path with its mirror (W, W⊥) → (−W, −W⊥).
             control_variate: use S_T (E S_T = 1) as a control variate.
-            num_processes, rates: the Markov rule (defaults :data:`MARKOV_DEFAULTS`; ``rates`` a rule name of
-                :func:`fracsde.markov_rates` or explicit rates).
+            num_processes: K of the Markov rule (default :data:`MARKOV_DEFAULTS`).
+            rates: the Markov rule's rates: a rule name of :func:`fracsde.markov_rates` or explicit rates (default
+                :data:`MARKOV_DEFAULTS`).
             chunk: paths per batch (default: about 64 MB of work space; memory is bounded by it, not by paths).
             progress: show a tqdm progress bar.
             dtype: of the Markov factor paths (default: float64 when a parameter requires a gradient, else float32,
@@ -536,8 +537,16 @@ class RoughHeston(_RoughModel):
                 Richardson-extrapolated with 512) or ``"markov"`` (Monte Carlo through
                 :func:`fracsde.volterra_sdeint`; defaults: K = 8, rates capped at 64/T, 2048 steps — uncapped rates
                 leave a bias of +0.01 in vol at H = 0.1, see docs/roughvol.md).
-            paths, generator, antithetic, control_variate, num_processes, rates, chunk, progress, dtype, max_rate: as in
-                :meth:`RoughBergomi.smile` (the antithetic partner here mirrors W⊥ only: V is not odd in W).
+            paths: as in :meth:`RoughBergomi.smile`.
+            generator: as in :meth:`RoughBergomi.smile`.
+            antithetic: as in :meth:`RoughBergomi.smile` (the partner here mirrors W⊥ only: V is not odd in W).
+            control_variate: as in :meth:`RoughBergomi.smile`.
+            num_processes: as in :meth:`RoughBergomi.smile`.
+            rates: as in :meth:`RoughBergomi.smile`.
+            chunk: as in :meth:`RoughBergomi.smile`.
+            progress: as in :meth:`RoughBergomi.smile`.
+            dtype: as in :meth:`RoughBergomi.smile`.
+            max_rate: as in :meth:`RoughBergomi.smile`.
             u_max: truncation of the Fourier integral (default: where the tail is below 1e-11 in price).
             panel_width: widest Gauss–Legendre panel of the Fourier integral (16 nodes each).
             richardson: extrapolate the Riccati solutions from grids n and 2n.

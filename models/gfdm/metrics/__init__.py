@@ -9,8 +9,15 @@
 - :mod:`.common`: the 8-bit pixels every metric sees and the cache folder.
 """
 from .common import default_cache_dir, quantize
-from .fid import (INCEPTION_ENV, FeatureStats, check_feature_args, feature_extractor, fid, frechet_distance,
-                  reference_stats)
+from .fid import (
+                  INCEPTION_ENV,
+                  FeatureStats,
+                  check_feature_args,
+                  feature_extractor,
+                  fid,
+                  frechet_distance,
+                  reference_stats,
+)
 from .inception import CONVENTIONS, FID_HELPER, InceptionFeatures, InceptionV3, fid_helper_weights, resize_tf1
 from .offline import OfflineFeatureNet, OfflineFeatures
 from .vendi import pixel_vendi_score

@@ -40,10 +40,11 @@ class FeatureStats:
         return self._sqrt
 
     @classmethod
-    def from_batches(cls, batches) -> "FeatureStats":
+    def from_batches(cls, batches) -> FeatureStats:
         """From feature batches (each (m, d)), accumulated so that only the sums are held: the covariance of all
         rows (ddof 1, as :meth:`from_features`), computed about the first batch's mean against cancellation."""
-        shift = total = outer = None
+        shift: np.ndarray | None = None
+        total = outer = np.zeros(0)
         n = 0
         for feats in batches:
             feats = np.asarray(feats, dtype=np.float64)
@@ -54,13 +55,13 @@ class FeatureStats:
             total += centred.sum(0)
             outer += centred.T @ centred
             n += feats.shape[0]
-        if n < 2:
+        if n < 2 or shift is None:
             raise ValueError("FID needs at least two images")
         mean = total / n
         return cls(shift + mean, (outer - n * np.outer(mean, mean)) / (n - 1), n)
 
     @classmethod
-    def from_features(cls, feats: np.ndarray) -> "FeatureStats":
+    def from_features(cls, feats: np.ndarray) -> FeatureStats:
         feats = np.asarray(feats, dtype=np.float64)
         if feats.shape[0] < 2:
             raise ValueError("FID needs at least two images")
@@ -70,7 +71,7 @@ class FeatureStats:
         write_npz(path, mu=self.mu, sigma=self.sigma, n=self.n)
 
     @classmethod
-    def load(cls, path) -> "FeatureStats":
+    def load(cls, path) -> FeatureStats:
         with np.load(path, allow_pickle=False) as z:
             return cls(z["mu"], z["sigma"], int(z["n"]))
 
