@@ -28,6 +28,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from models.cli_types import positive_int
+
 from .runfiles import RunLockedError, check_unlocked, disk_error, run_lock, sweep_temporaries, write_npz, write_text
 
 __all__ = ["main", "build_parser"]
@@ -43,17 +45,6 @@ class _FMT(argparse.ArgumentDefaultsHelpFormatter):
 
 class _ArgError(Exception):
     pass
-
-
-def _threads(text: str) -> int:
-    """argparse type of ``--threads``: an integer >= 1."""
-    try:
-        n = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be an integer >= 1; got {text!r}") from None
-    if n < 1:
-        raise argparse.ArgumentTypeError(f"must be an integer >= 1; got {n}")
-    return n
 
 
 def _sampler_names() -> tuple[str, ...]:
@@ -125,7 +116,7 @@ _COMPARE_DEFAULTS = {"preset": "digits-tiny", "steps": 1500, "lr": 1e-3}
 def _add_train_args(p, compare: bool = False):
     names = _config_names(exclude=_COMPARE_OWN if compare else ())
     groups = add_config_flags(p, names, _COMPARE_DEFAULTS if compare else None)
-    groups["run"].add_argument("--threads", type=_threads, default=None,
+    groups["run"].add_argument("--threads", type=positive_int, default=None,
                                help="torch CPU threads (default: torch's choice)")
 
 
@@ -153,7 +144,7 @@ def _add_sampling_args(g, num: int, steps: int):
     g.add_argument("--weights", default="ema", choices=("ema", "raw"), help="EMA or raw network weights")
     g.add_argument("--seed", type=int, default=0, help="sampling seed (images do not depend on process count)")
     g.add_argument("--device", default="auto", help="auto, cpu, cuda, …")
-    g.add_argument("--threads", type=_threads, default=None, help="torch CPU threads")
+    g.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads")
     g.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="progress bar")
 
 

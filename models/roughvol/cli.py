@@ -16,6 +16,8 @@ from pathlib import Path
 
 import torch
 
+from models.cli_types import positive_int
+
 __all__ = ["main", "build_parser"]
 
 MODELS = {"rbergomi": "RoughBergomi", "rheston": "RoughHeston"}
@@ -33,16 +35,6 @@ class _FMT(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFo
         if action.default is None or "(default:" in (action.help or ""):
             return action.help
         return super()._get_help_string(action)
-
-
-def _positive_int(text: str) -> int:
-    try:
-        n = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be an integer >= 1; got {text!r}") from None
-    if n < 1:
-        raise argparse.ArgumentTypeError(f"must be an integer >= 1; got {n}")
-    return n
 
 
 def _strikes(text: str) -> list[float]:
@@ -94,13 +86,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--strikes", type=_strikes, default=_strikes("-0.3:0.2:11"),
                    help="log-strikes: FROM:TO:COUNT or a comma-separated list; write --strikes=-0.3:0.2:11 "
                         "when it starts with a minus (default: -0.3:0.2:11)")
-    s.add_argument("--paths", type=_positive_int, default=1 << 16, help="Monte Carlo paths")
-    s.add_argument("--steps", type=_positive_int, default=None,
+    s.add_argument("--paths", type=positive_int, default=1 << 16, help="Monte Carlo paths")
+    s.add_argument("--steps", type=positive_int, default=None,
                    help="time steps (Monte Carlo; default 256) or Adams grid (fourier; default 256)")
-    s.add_argument("--num-processes", type=_positive_int, default=None,
+    s.add_argument("--num-processes", type=positive_int, default=None,
                    help="markov: K, the number of OU factors (default: the model's, see MARKOV_DEFAULTS)")
     s.add_argument("--seed", type=int, default=0, help="random seed")
-    s.add_argument("--threads", type=_positive_int, default=None, help="torch CPU threads (default: torch's choice)")
+    s.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads (default: torch's choice)")
     s.add_argument("--out", type=Path, default=Path("smile.png"), help="the PNG to write")
     s.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
     s.add_argument("--no-progress", action="store_true", help="no progress bar")
