@@ -14,7 +14,6 @@ differentiable in the Hurst index. Sampling, covariances and the initial state c
 """
 from __future__ import annotations
 
-import math
 import warnings
 from typing import NamedTuple
 
@@ -24,12 +23,18 @@ from torch import nn
 from . import _validation as V
 from ._warnings import ApproximationWarning, IllConditionedWarning
 from .kinds import get_kind
-from .noise import MAX_CANCELLATION, MarkovNoise, cancellation, check_rates
-from .rules import RATE_RULES, check_rule, kernel_projection, markov_rates
+from .noise import MarkovNoise, check_rates
+from .rules import (
+    MAX_PROCESSES,
+    RATE_RULES,
+    check_num_processes,
+    check_rule,
+    kernel_projection,
+    markov_rates,
+    projection_condition_number,
+    refuse_cancelling_weights,
+)
 from .rules import strong_error as _rule_strong_error
-
-#: Largest K a noise may have (the optimal rule reaches a strong error of 2e−3 at K = 32, H = 0.1).
-MAX_PROCESSES = 64
 
 __all__ = ["MarkovApproxFBM", "geometric_gammas", "optimal_weights", "WeightSolution", "RATE_RULES", "MAX_PROCESSES"]
 
@@ -116,6 +121,14 @@ def optimal_weights(hurst, gammas, kind: str = "type2", horizon: float = 1.0) ->
     return WeightSolution(w, rel, float(torch.linalg.cond(A.detach())))
 
 
+def _integrated_error(h, g, w, kind: str, horizon: float) -> torch.Tensor:
+    """Time-integrated relative error ∫E(B − B̂)² / ∫E B² of rates g and weights w (torch; differentiable in h, w)."""
+    rules = get_kind(kind)
+    A = rules.gram(g, horizon)
+    b, c = rules.moments(h, g, horizon)
+    return (w @ A @ w - 2 * b @ w + c) / c
+
+
 class MarkovApproxFBM(MarkovNoise):
     """Markov approximation of fBM: a :class:`~fracsde.MarkovNoise` whose weights are L2-optimal for H.
 
@@ -167,10 +180,7 @@ class MarkovApproxFBM(MarkovNoise):
         horizon = V.check_positive_float(horizon, "horizon")
         rule = check_rule(rates)
         if gammas is None:
-            V.check_positive_int(num_processes, "num_processes", 1)
-            if num_processes > MAX_PROCESSES:
-                raise ValueError(f"num_processes must be in [1, {MAX_PROCESSES}]; got {num_processes} "
-                                 f"(rates='optimal' reaches a strong error of 2e-3 at K = 32 for H = 0.1)")
+            check_num_processes(num_processes)
             if rule == "geometric":
                 if max_rate is not None:
                     if gamma_max != 20.0:
@@ -190,35 +200,31 @@ class MarkovApproxFBM(MarkovNoise):
         #: strong error ("strong": the L²(0, T) projection of the kernel, for the strong-error rules)
         self.weight_objective = "strong" if rule != "geometric" else "integrated"
         h0 = torch.as_tensor(float(hurst), dtype=torch.float64)
-        sol = optimal_weights(h0, g, kind, horizon)
         if self.weight_objective == "strong":
             w0 = kernel_projection(h0, g, horizon).detach()
+            condition_number = projection_condition_number(g, horizon)
+            rel = float(_integrated_error(h0, g, w0, kind, horizon))
         else:
+            sol = optimal_weights(h0, g, kind, horizon)
             w0 = sol.weights.detach()
-        kappa = cancellation(g, w0, kind, horizon)
-        if self.weight_objective == "integrated" and (kappa > MAX_CANCELLATION or not float(sol.relative_error) >= 0):
-            raise ValueError(
-                f"the geometric grid with num_processes={g.numel()} and gamma_max={float(g.max()) * horizon:g} (rates "
-                f"{float(g.min()):.3g}..{float(g.max()):.3g}) cannot be solved accurately in float64: cond(A) = "
-                f"{sol.condition_number:.1e}, the weights (max |ω| = {float(w0.abs().max()):.3g}) cancel so that "
-                f"Var B̂ would lose {math.log10(max(kappa, 1.0)):.0f} of float64's 16 digits. Use fewer processes, a "
-                f"larger gamma_max, or rates='optimal' (well-separated rates, accurate at any K)")
+            condition_number, rel = sol.condition_number, float(sol.relative_error)
+            refuse_cancelling_weights(g, w0, kind, horizon, condition_number, rel)
         super().__init__(g, None if learnable_hurst else w0, kind=kind, horizon=horizon)
         self.learnable_hurst = bool(learnable_hurst)
         if self.learnable_hurst:
             self.hurst_logit = nn.Parameter(torch.logit(h0))
         else:
             self.register_buffer("_hurst", h0)
-        if self.weight_objective == "integrated" and sol.condition_number > ILL_CONDITIONED:
+        if self.weight_objective == "integrated" and condition_number > ILL_CONDITIONED:
             warnings.warn(
-                f"MA-fBM weight system is ill-conditioned (cond(A) = {sol.condition_number:.2e} for K = {g.numel()}, "
+                f"MA-fBM weight system is ill-conditioned (cond(A) = {condition_number:.2e} for K = {g.numel()}, "
                 f"gamma_max = {self.gamma_max:g}); solved in float64 the achieved relative L2 error is "
-                f"{float(sol.relative_error):.3e}. More processes barely help at fixed gamma_max; "
+                f"{rel:.3e}. More processes barely help at fixed gamma_max; "
                 f"rates='optimal' does not have this problem.",
                 IllConditionedWarning, stacklevel=2)
-        self.condition_number = sol.condition_number
-        rel = float(sol.relative_error) if self.weight_objective == "integrated" else float(
-            self._integrated_error(h0, w0))
+        #: cond(A) of the integrated-error solve (geometric, given rates), or of the Jacobi-scaled Gram matrix of the
+        #: strong-error projection (the strong-error rules)
+        self.condition_number = condition_number
         if not 0.0 <= rel <= LARGE_APPROXIMATION_ERROR:
             warnings.warn(
                 f"the MA-fBM with K = {g.numel()} processes (rates {float(g.min()):.3g}..{float(g.max()):.3g}) "
@@ -226,8 +232,7 @@ class MarkovApproxFBM(MarkovNoise):
                 f"{rel:.3g} (outside [0, {LARGE_APPROXIMATION_ERROR:g}]); more processes, a larger gamma_max or "
                 f"rates='optimal' reduce it (docs/markov.md)", ApproximationWarning, stacklevel=2)
         if not self.learnable_hurst:
-            self.register_buffer("_relative_error", torch.as_tensor(rel, dtype=torch.float64) if
-                                 self.weight_objective == "strong" else sol.relative_error.detach())
+            self.register_buffer("_relative_error", torch.as_tensor(rel, dtype=torch.float64))
 
     # ------------------------------------------------------------------ parameters
     @property
@@ -236,19 +241,11 @@ class MarkovApproxFBM(MarkovNoise):
             return torch.sigmoid(self.hurst_logit)
         return self._hurst
 
-    def _integrated_error(self, h, w):
-        """Time-integrated relative error ∫E(B − B̂)² / ∫E B² of weights w (torch; differentiable)."""
-        rules = get_kind(self.kind)
-        g = self.gammas.to(torch.float64)
-        A = rules.gram(g, self.horizon)
-        b, c = rules.moments(h, g, self.horizon)
-        return (w @ A @ w - 2 * b @ w + c) / c
-
     def _solve(self):
         g = self.gammas.to(torch.float64)
         if self.weight_objective == "strong":
             w = kernel_projection(self.hurst, g, self.horizon)
-            return w, self._integrated_error(self.hurst, w)
+            return w, _integrated_error(self.hurst, g, w, self.kind, self.horizon)
         w, rel, _ = _solve_weights(self.hurst, g, self.kind, self.horizon)
         return w, rel
 

@@ -17,7 +17,7 @@ import math
 import numpy as np
 import torch
 
-__all__ = ["psd_factor", "graded_psd_factor", "jittered_cholesky", "is_uniform_grid", "UNIFORM_GRID_ULPS",
+__all__ = ["psd_factor", "graded_psd_factor", "step_key", "jittered_cholesky", "is_uniform_grid", "UNIFORM_GRID_ULPS",
            "augmented_system",
            "discretize_linear_sde", "check_shape", "log_linear_grid", "log_linear_grid_times"]
 
@@ -40,6 +40,12 @@ def psd_factor(cov: torch.Tensor) -> torch.Tensor:
         return L
     evals, evecs = torch.linalg.eigh(cov)
     return evecs * torch.sqrt(torch.clamp(evals, min=0.0))[..., None, :]
+
+
+def step_key(h: float) -> float:
+    """A step size rounded to 12 significant digits: the cache key under which equal steps computed by different
+    divisions (Δt/n of several intervals, equal up to the last bits) share their step operators."""
+    return float(f"{h:.12g}")
 
 
 def graded_psd_factor(cov: torch.Tensor) -> torch.Tensor:

@@ -39,10 +39,14 @@ from scipy import optimize, special
 from . import _validation as V
 from .noise import MAX_CANCELLATION, cancellation
 
-__all__ = ["RATE_RULES", "RateRule", "markov_rates", "strong_error", "kernel_projection", "kernel_norm"]
+__all__ = ["RATE_RULES", "MAX_PROCESSES", "RateRule", "markov_rates", "strong_error", "approximation_error",
+           "kernel_projection", "kernel_norm", "projection_condition_number", "refuse_cancelling_weights"]
 
 #: The rate rules :func:`markov_rates` and :class:`fracsde.MarkovApproxFBM` accept.
 RATE_RULES = ("geometric", "optimal", "quadrature")
+
+#: Largest K a rule builds (the optimal rule reaches a strong error of 2e−3 at K = 32, H = 0.1).
+MAX_PROCESSES = 64
 
 #: The smallest relative strong error float64 resolves (‖K‖² − 2ωᵀc + ωᵀGω carries ~1e−15·‖K‖² of round-off):
 #: :func:`strong_error` reports this bound for anything below it.
@@ -179,9 +183,12 @@ def kernel_projection(hurst, rates, horizon: float = 1.0) -> torch.Tensor:
     Returns:
         (K,) float64 weights.
     """
+    from .noise import check_rates
     from .special import gammainc  # torch, differentiable in its first argument
 
-    g = torch.as_tensor(rates, dtype=torch.float64).detach()
+    V.check_hurst(hurst)
+    horizon = V.check_positive_float(horizon, "horizon")
+    g = check_rates(rates, "rates").to(torch.as_tensor(rates).device)
     G = torch.from_numpy(_gram(g.cpu().numpy(), horizon)).to(g.device)
     h = torch.as_tensor(hurst, dtype=torch.float64, device=g.device)
     a = h + 0.5
@@ -328,6 +335,42 @@ def _optimal(hurst: float, K: int, cap: float | None, horizon: float) -> tuple[t
     return g, w
 
 
+def check_num_processes(num_processes) -> int:
+    """K as an int in [1, :data:`MAX_PROCESSES`], or a ValueError naming it, the range and the value."""
+    V.check_positive_int(num_processes, "num_processes", 1)
+    if num_processes > MAX_PROCESSES:
+        raise ValueError(f"num_processes must be in [1, {MAX_PROCESSES}]; got {num_processes} (rates='optimal' "
+                         f"already reaches a strong error of 2e-3 at K = 32 for H = 0.1)")
+    return int(num_processes)
+
+
+def refuse_cancelling_weights(rates: torch.Tensor, weights: torch.Tensor, kind: str, horizon: float,
+                              condition_number: float, relative_error: float) -> None:
+    """Refuse weights of a (geometric) grid that float64 cannot use: they cancel beyond
+    :data:`fracsde.noise.MAX_CANCELLATION` in Var B̂, or the solve's error came out negative.
+
+    Raises:
+        ValueError: naming num_processes, gamma_max (the largest rate × horizon) and ``rates="optimal"``.
+    """
+    kappa = cancellation(rates, weights, kind, horizon)
+    if kappa > MAX_CANCELLATION or not relative_error >= 0:
+        raise ValueError(
+            f"the geometric grid with num_processes={rates.numel()} and gamma_max={float(rates.max()) * horizon:g} "
+            f"(rates {float(rates.min()):.3g}..{float(rates.max()):.3g}) cannot be solved accurately in float64: "
+            f"cond(A) = {condition_number:.1e}, the weights (max |ω| = {float(weights.abs().max()):.3g}) cancel so "
+            f"that Var B̂ would lose {math.log10(max(kappa, 1.0)):.0f} of float64's 16 digits. Use fewer processes, "
+            f"a larger gamma_max, or rates='optimal' (well-separated rates, accurate at any K)")
+
+
+def projection_condition_number(rates, horizon: float = 1.0) -> float:
+    """2-norm condition number of the Jacobi-scaled Gram matrix the strong-error projection solves (the
+    conditioning that matters for :func:`kernel_projection`; the unscaled Gram's reaches 1e30 for rules whose
+    scaled one stays below ~1e3)."""
+    G = _gram(torch.as_tensor(rates, dtype=torch.float64).detach().cpu().numpy(), horizon)
+    d = 1.0 / np.sqrt(np.diag(G))
+    return float(np.linalg.cond(G * d[:, None] * d[None, :]))
+
+
 # ------------------------------------------------------------------------------------------------ public
 def check_rule(rates: str) -> str:
     """The rule name, or a ValueError listing :data:`RATE_RULES`."""
@@ -356,10 +399,7 @@ def markov_rates(hurst: float, num_processes: int, rates: str = "geometric", max
     """
     V.check_hurst(hurst)
     hurst = float(hurst)
-    V.check_positive_int(num_processes, "num_processes", 1)
-    if num_processes > 64:
-        raise ValueError(f"num_processes must be in [1, 64] for a rate rule; got {num_processes} "
-                         f"(K = 32 already reaches a strong error of 2e−3 at H = 0.1 with rates='optimal')")
+    check_num_processes(num_processes)
     rule = check_rule(rates)
     horizon = V.check_positive_float(horizon, "horizon")
     V.check_kind(kind)
@@ -376,12 +416,9 @@ def markov_rates(hurst: float, num_processes: int, rates: str = "geometric", max
             gamma_max = max_rate * horizon
         gamma_max = V.check_positive_float(gamma_max, "gamma_max", 1.0)
         g = geometric_gammas(K, gamma_max) / horizon
-        w = optimal_weights(hurst, g, kind, horizon).weights.detach()
-        kappa = cancellation(g, w, kind, horizon)
-        if kappa > MAX_CANCELLATION:
-            raise ValueError(f"the geometric grid with num_processes={K} and gamma_max={gamma_max:g} cannot be solved "
-                             f"accurately in float64 (its weights cancel by {kappa:.1e}); use fewer processes, a "
-                             f"larger gamma_max, or rates='optimal'")
+        sol = optimal_weights(hurst, g, kind, horizon)
+        w = sol.weights.detach()
+        refuse_cancelling_weights(g, w, kind, horizon, sol.condition_number, float(sol.relative_error))
     else:
         cap = None if max_rate is None else max_rate * horizon
         if cap is not None and cap <= _MIN_RATE * 10:

@@ -569,7 +569,7 @@ def _solve_exponential_euler(sde, x0, ts, dt, generator, entropy, return_noise, 
     from torch.utils.checkpoint import checkpoint
 
     from .noise import REDUCED_PRECISION_CANCELLATION, step_covariance
-    from .numerics import graded_psd_factor
+    from .numerics import graded_psd_factor, step_key
 
     noise = sde.noise
     batch, shape = x0.shape[0], tuple(x0.shape[1:])
@@ -601,15 +601,16 @@ def _solve_exponential_euler(sde, x0, ts, dt, generator, entropy, return_noise, 
         n = max(1, math.ceil((times[i + 1] - times[i]) / dt - 1e-9))
         h = (times[i + 1] - times[i]) / n
         steps += [(times[i] + j * h, h, -1) for j in range(n - 1)] + [(times[i] + (n - 1) * h, h, i + 1)]
-    factors = {}
-    for _, h, _ in steps:
-        if h not in factors:
-            factors[h] = (torch.exp(-gammas * h).to(work), graded_psd_factor(step_covariance(gammas, h)).to(work))
+    factors = {}                 # by the step rounded to 12 digits: equal steps of different intervals share one
+    for _, h, _ in steps:        # factorisation instead of differing in the last bits and each getting their own
+        key = step_key(h)
+        if key not in factors:
+            factors[key] = (torch.exp(-gammas * h).to(work), graded_psd_factor(step_covariance(gammas, h)).to(work))
 
     def segment(x, y, z, seg):
         outs = []
         for (t, h, out), zn in zip(seg, z.unbind(0), strict=True):
-            decay, L = factors[h]
+            decay, L = factors[step_key(h)]
             y_new = decay * y + zn @ L.T                                 # (batch, m, K), exact OU step
             db = ((y_new - y) @ omega).to(dtype)                        # (batch, m): exact increment of B̂
             xs_ = x.reshape(batch, *shape)

@@ -19,7 +19,7 @@ from torch import nn
 
 from . import _validation as V
 from .noise import REDUCED_PRECISION_CANCELLATION, MarkovNoise, step_covariance
-from .numerics import graded_psd_factor
+from .numerics import graded_psd_factor, step_key
 
 __all__ = ["VolterraSDE", "volterra_sdeint"]
 
@@ -65,6 +65,15 @@ def _step_operators(gammas: torch.Tensor, h: float, dtype, device):
     drift = -torch.expm1(-g * h) / g
     L = graded_psd_factor(step_covariance(torch.cat([g, g.new_zeros(1)]), h))
     return tuple(v.to(dtype=dtype, device=device) for v in (decay, drift, L))
+
+
+def _check_coefficients(bx, sx, x) -> None:
+    """b and σ must return tensors of the state's shape (batch, d): a clear error naming the user's function."""
+    for name, value in (("b(t, x)", bx), ("sigma(t, x)", sx)):
+        if not isinstance(value, torch.Tensor) or value.shape != x.shape:
+            got = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
+            raise ValueError(f"the VolterraSDE's {name} must return a tensor of the state's shape {tuple(x.shape)} "
+                             f"(batch, d); got {got}")
 
 
 def _grid(ts: torch.Tensor, dt: float | None):
@@ -124,10 +133,13 @@ def volterra_sdeint(sde: VolterraSDE, x0: torch.Tensor, ts, dt: float | None = N
     x = x0
     xs, ws = [x0], [W.to(dtype)]
     t = float(ts[0])
+    with torch.no_grad():                              # shapes named before any work, as sdeint does
+        _check_coefficients(sde.b(t, x0), sde.sigma(t, x0), x0)
     for i, (n, h) in enumerate(zip(counts, steps, strict=True)):
-        if h not in ops:
-            ops[h] = _step_operators(gammas, h, work, device)
-        decay, drift, L = ops[h]
+        key = step_key(h)
+        if key not in ops:
+            ops[key] = _step_operators(gammas, h, work, device)
+        decay, drift, L = ops[key]
         for _ in range(n):
             z = torch.randn(batch, d, K + 1, generator=generator, dtype=work, device=device)
             inc = z @ L.T                                                  # (batch, d, K+1): ξ_1..ξ_K, ΔW

@@ -346,3 +346,19 @@ def test_square_root_volterra_stays_well_defined():
     assert bool(torch.isfinite(xs).all()) and w.shape == xs.shape
     # E V_t solves the linear Volterra equation m = V0 + ∫K̂(t−s)(θ − λm) ds, ≈ V0 = θ/λ·… here θ − λV0 = 0.014
     assert 0.02 < float(xs[-1].mean()) < 0.08
+
+
+def test_volterra_and_projection_refuse_bad_input_clearly():
+    class Scalar(VolterraSDE):
+        def b(self, t, x):
+            return torch.zeros(x.shape[0])                 # (batch,) instead of (batch, d)
+
+        def sigma(self, t, x):
+            return torch.ones_like(x)
+
+    with pytest.raises(ValueError, match=r"b\(t, x\) must return a tensor of the state's shape \(4, 1\)"):
+        volterra_sdeint(Scalar(MarkovApproxFBM(0.3, 3)), torch.zeros(4, 1), torch.linspace(0, 1, 3))
+    with pytest.raises(ValueError, match="rates must be finite and > 0"):
+        kernel_projection(0.1, [1.0, -2.0])
+    with pytest.raises(ValueError, match="hurst"):
+        kernel_projection(1.5, [1.0, 2.0])
