@@ -129,6 +129,16 @@ def _integrated_error(h, g, w, kind: str, horizon: float) -> torch.Tensor:
     return (w @ A @ w - 2 * b @ w + c) / c
 
 
+def _integrated_error_roundoff(h, g, w, kind: str, horizon: float) -> float:
+    """The round-off scale of :func:`_integrated_error`: 1e−14 × (|w|ᵀ|A||w| + 2|b|ᵀ|w| + c)/c. A value within
+    it of 0 is 0 (the error is below what float64 resolves), not negative."""
+    rules = get_kind(kind)
+    A = rules.gram(g, horizon)
+    b, c = rules.moments(h, g, horizon)
+    w = w.abs()
+    return float(1e-14 * (w @ A.abs() @ w + 2 * b.abs() @ w + c) / c)
+
+
 class MarkovApproxFBM(MarkovNoise):
     """Markov approximation of fBM: a :class:`~fracsde.MarkovNoise` whose weights are L2-optimal for H.
 
@@ -204,6 +214,8 @@ class MarkovApproxFBM(MarkovNoise):
             w0 = kernel_projection(h0, g, horizon).detach()
             condition_number = projection_condition_number(g, horizon)
             rel = float(_integrated_error(h0, g, w0, kind, horizon))
+            if -_integrated_error_roundoff(h0, g, w0, kind, horizon) <= rel < 0:
+                rel = 0.0                                       # below float64's resolution, not negative
         else:
             sol = optimal_weights(h0, g, kind, horizon)
             w0 = sol.weights.detach()

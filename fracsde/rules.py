@@ -107,27 +107,31 @@ def _inner(hurst: float, g: np.ndarray, horizon: float) -> np.ndarray:
     return np.where(g > 0, out, horizon ** a / (a * math.gamma(a)))
 
 
-def _projection(G: np.ndarray, c: np.ndarray) -> np.ndarray:
-    """Solve G ω = c for a Gram matrix of exponentials, accurately at any spread of the rates.
+def _scaled_projection(G: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    """Solve G ω = c for a Gram matrix of exponentials, accurately at any spread of the rates (torch, float64;
+    differentiable in c).
 
     With D = diag(G)^{−½}, DGD has unit diagonal and (for rates far apart) small off-diagonal entries, so its
     Cholesky factor is accurate where G's own condition number is astronomically large (rates 1e−1..1e27).
     Nearly equal rates make DGD itself singular; then the minimum-norm least-squares solution of the scaled
     system (eigenvalues below 1e−13 dropped) is the projection onto the span the rates can represent.
     """
-    d = 1.0 / np.sqrt(np.diag(G))
+    d = torch.rsqrt(torch.diagonal(G))
     S = G * d[:, None] * d[None, :]
-    try:
-        L = np.linalg.cholesky(S)
-        if np.min(np.diag(L)) ** 2 < 1e-13:
-            raise np.linalg.LinAlgError
-        y = np.linalg.solve(L, d * c)
-        z = np.linalg.solve(L.T, y)
-    except np.linalg.LinAlgError:
-        evals, evecs = np.linalg.eigh(S)
+    L, info = torch.linalg.cholesky_ex(S)
+    if int(info) == 0 and float(torch.diagonal(L).min()) ** 2 >= 1e-13:
+        z = torch.cholesky_solve((d * c)[:, None], L)[:, 0]
+    else:
+        evals, evecs = torch.linalg.eigh(S)
         keep = evals > 1e-13 * evals.max()
-        z = evecs[:, keep] @ ((evecs[:, keep].T @ (d * c)) / evals[keep])
+        kept = evecs[:, keep]
+        z = kept @ ((kept.T @ (d * c)) / evals[keep])
     return d * z
+
+
+def _projection(G: np.ndarray, c: np.ndarray) -> np.ndarray:
+    """:func:`_scaled_projection` for the numpy arrays of the rate search."""
+    return _scaled_projection(torch.from_numpy(G), torch.from_numpy(c)).numpy()
 
 
 def _strong_error_sq(hurst: float, g: np.ndarray, w: np.ndarray, horizon: float) -> float:
@@ -193,17 +197,7 @@ def kernel_projection(hurst, rates, horizon: float = 1.0) -> torch.Tensor:
     h = torch.as_tensor(hurst, dtype=torch.float64, device=g.device)
     a = h + 0.5
     c = torch.exp(-a * torch.log(g)) * gammainc(a, g * horizon)
-    d = torch.rsqrt(torch.diagonal(G))
-    S = G * d[:, None] * d[None, :]
-    L, info = torch.linalg.cholesky_ex(S)
-    if int(info) == 0 and float(torch.diagonal(L).min()) ** 2 >= 1e-13:
-        z = torch.cholesky_solve((d * c)[:, None], L)[:, 0]
-    else:
-        evals, evecs = torch.linalg.eigh(S)
-        keep = evals > 1e-13 * evals.max()
-        V_ = evecs[:, keep]
-        z = V_ @ ((V_.T @ (d * c)) / evals[keep])
-    return d * z
+    return _scaled_projection(G, c)
 
 
 # ------------------------------------------------------------------------------------------------ optimisation
