@@ -75,7 +75,7 @@ class HybridBergomi(RoughBergomi):
             conv = torch.fft.irfft(torch.fft.rfft(dw, n=n_fft) * gamma_hat, n=n_fft)[:, :N]   # Σ_j Γ_{i−j+1} ΔW_j
             y = math.sqrt(2 * H) * (zz + conv)                                          # Y_1..Y_N
             y_left = torch.cat([y.new_zeros(n, 1), y[:, :-1]], dim=1)
-            return variance(y_left), dw, lambda v, d: (variance(-y_left), -d)
+            return [(0, variance(y_left), dw, lambda v, d: (variance(-y_left), -d))]
 
         return sample
 
@@ -234,7 +234,7 @@ def rough_heston_table(args):
                         generator=torch.Generator().manual_seed(1))
         ts = torch.linspace(0, 1, steps + 1, dtype=torch.float64)
         sampler = model._path_sampler("markov", ts, model._markov_options(None, rates))
-        v = sampler(4096, torch.Generator().manual_seed(2))[0]
+        v = sampler(4096, torch.Generator().manual_seed(2))[0][1]
         print(f"{label:>22}, {steps:>5} steps: Markov - Fourier "
               f"{[f'{float(x):+.4f}' for x in s.implied_vol - ref.implied_vol]} "
               f"(s.e. {[round(float(x), 4) for x in s.std_error]}), V < 0 on {float((v < 0).double().mean()):.0%} "

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from fracsde import MarkovApproxFBM, MarkovNoise
-from fracsde.noise import INNOVATION_BLOCK, _apply_innovations
+from fracsde.noise import _PLAN_CACHE, _PLAN_CACHE_SIZE, INNOVATION_BLOCK, _apply_innovations
 from stats_helpers import assert_covariance_matches
 
 F64 = torch.float64
@@ -138,7 +138,7 @@ def test_operators_follow_a_learnable_hurst():
     implied, offset = _implied_covariance(noise, ts)
     ref = noise.covariance(ts[1:, None], ts[None, 1:]).detach()
     assert float((implied - ref).abs().max()) <= 1e-8 * float(ref.abs().max())
-    assert len(noise._innovation_cache) <= 2
+    assert len(_PLAN_CACHE) <= _PLAN_CACHE_SIZE
 
 
 def test_chunked_sampling_equals_one_pass():
@@ -161,3 +161,82 @@ def test_chunked_sampling_equals_one_pass():
     one_pass = _apply_innovations(ops, z)[0].transpose(0, 1).reshape(7, nb * C)[:, :ts.numel() - 1]
     torch.testing.assert_close(full[:, 1:], one_pass, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(chunked[:, 1:], one_pass, rtol=1e-12, atol=1e-12)
+
+
+# ---------------------------------------------------------------------------------------------- streamed blocks
+@pytest.mark.parametrize("brownian", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16])
+@pytest.mark.parametrize("grid", ["from0", "after0", "point"])
+@pytest.mark.parametrize("batch", [3, 3000])
+def test_sample_blocks_concatenate_to_sample_bit_for_bit(brownian, dtype, grid, batch):
+    from fracsde import markov_rates
+    rule = markov_rates(0.1, 8, rates="optimal")
+    noise = MarkovNoise(rule.rates, rule.weights)
+    ts = {"from0": torch.linspace(0, 1, 301), "after0": torch.linspace(0.1, 1, 77), "point": torch.zeros(1)}[grid]
+    whole = noise.sample(ts, batch, generator=torch.Generator().manual_seed(1), method="innovations",
+                         return_brownian=brownian, dtype=dtype)
+    blocks = list(noise.sample_blocks(ts, batch, generator=torch.Generator().manual_seed(1),
+                                      return_brownian=brownian, dtype=dtype))
+    starts = [b[0] for b in blocks]
+    widths = [b[1].shape[1] for b in blocks]
+    assert starts == [sum(widths[:i]) for i in range(len(widths))] and sum(widths) == ts.numel()
+    for a, part in enumerate(whole if brownian else (whole,)):
+        streamed = torch.cat([b[1 + a] for b in blocks], dim=1)
+        assert streamed.dtype == dtype and torch.equal(streamed, part)
+
+
+def test_sample_blocks_memory_does_not_grow_with_the_steps():
+    from fracsde.noise import _CHUNK_ELEMS
+    noise = MarkovNoise([0.5, 4.0, 40.0], [1.0, -0.3, 0.1])
+    batch = 1 << 12
+    for n_steps in (64, 4096):
+        widths = [b[1].shape[1] for b in noise.sample_blocks(torch.linspace(0, 1, n_steps + 1), batch,
+                                                              return_brownian=True, left_points=True)]
+        assert sum(widths) == n_steps and 2 * batch * max(widths) <= _CHUNK_ELEMS
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_left_point_blocks_are_the_grid_values_and_increments(dtype):
+    """left_points: B̂ at each step's left point and W's increment over it — the same random numbers as the grid
+    values, so equal to them up to the dtype's rounding (the increments come from the float64 plan)."""
+    from fracsde import markov_rates
+    rule = markov_rates(0.1, 16, rates="optimal")
+    noise = MarkovNoise(rule.rates, rule.weights)
+    ts = torch.linspace(0, 1, 700, dtype=F64)
+    for batch in (3, 3000):
+        points = list(noise.sample_blocks(ts, batch, generator=torch.Generator().manual_seed(2), return_brownian=True,
+                                          dtype=dtype))
+        steps = list(noise.sample_blocks(ts, batch, generator=torch.Generator().manual_seed(2), return_brownian=True,
+                                         dtype=dtype, left_points=True))
+        bhat, w = (torch.cat([b[a] for b in points], 1).double() for a in (1, 2))
+        left, dw = (torch.cat([b[a] for b in steps], 1).double() for a in (1, 2))
+        eps = torch.finfo(dtype).eps
+        assert left.shape == dw.shape == (batch, ts.numel() - 1)
+        assert float((left - bhat[:, :-1]).abs().max()) <= 64 * eps * float(bhat.abs().max())
+        assert float((dw - w.diff(dim=1)).abs().max()) <= 64 * eps * float(w.abs().max())
+
+
+def test_left_points_refuse_what_they_cannot_do():
+    noise = MarkovNoise([0.5, 4.0], [1.0, -0.3])
+    with pytest.raises(ValueError, match="return_brownian=True"):
+        next(noise.sample_blocks(torch.linspace(0, 1, 5), 2, left_points=True))
+    with pytest.raises(ValueError, match=r"ts\[0\] = 0.5"):
+        next(noise.sample_blocks(torch.linspace(0.5, 1, 5), 2, return_brownian=True, left_points=True))
+
+
+def test_cast_operators_have_no_denormals():
+    """Operator entries below float32's smallest normal are flushed to 0 (a denormal slows every product with it)."""
+    from fracsde import markov_rates
+    rule = markov_rates(0.07, 16, rates="optimal", horizon=0.25)
+    noise = MarkovNoise(rule.rates, rule.weights, horizon=0.25)
+    ts = torch.linspace(0, 0.25, 2049, dtype=F64)
+    tiny = torch.finfo(torch.float32).tiny
+    below = 0
+    for joint in (False, True):
+        ops = noise._innovation_operators(ts, torch.float32, torch.device("cpu"), joint)
+        ops64 = noise._innovation_operators(ts, torch.float64, torch.device("cpu"), joint)
+        for name in ("rest", "carry_gain", "apply" if joint else "within"):
+            x = ops[name]
+            assert not bool(((x != 0) & (x.abs() < tiny)).any()), name
+            below += int(((ops64[name] != 0) & (ops64[name].abs() < tiny)).sum())
+    assert below > 0                                  # the case has such entries: the check is not vacuous

@@ -27,7 +27,7 @@ from fracsde import MarkovNoise, optimal_weights
 from . import fourier as F
 from .exact import joint_factor
 from .implied import black_price, implied_vol
-from .montecarlo import PriceAccumulator, chunk_sizes, default_chunk, log_spot_at, maturity_indices, otm_to_call
+from .montecarlo import PriceAccumulator, SpotSums, chunk_sizes, default_chunk, maturity_indices, otm_to_call
 
 __all__ = ["RoughBergomi", "RoughHeston", "Smile", "MARKOV_DEFAULTS"]
 
@@ -37,6 +37,9 @@ __all__ = ["RoughBergomi", "RoughHeston", "Smile", "MARKOV_DEFAULTS"]
 #: so that the left-point square-root scheme resolves every factor (at 2^17 paths, H = 0.1: within 3 s.e. + 0.001
 #: of Fourier; 1024 steps is not); uncapped rates leave a bias of +0.01 in vol at H = 0.1 whatever the steps
 #: (docs/roughvol.md). Explicit rates (a tensor) drop the cap; a rule name keeps it.
+#: paths per batch of the streaming rough Bergomi sampler (its memory does not depend on the steps: ~2 MB blocks).
+STREAM_CHUNK = 1 << 13
+
 MARKOV_DEFAULTS = {"RoughBergomi": {"rates": "optimal", "num_processes": 16, "steps": 256},
                    "RoughHeston": {"rates": "optimal", "num_processes": 8, "steps": 2048, "max_rate": 64.0}}
 
@@ -179,19 +182,24 @@ class _RoughModel:
         sampler = self._path_sampler(method, ts, markov)
         n_draw = paths // 2 if antithetic else paths
         width = (markov.get("num_processes", 8) + 3) if method == "markov" else 2 * steps
-        sizes = chunk_sizes(n_draw, chunk or default_chunk(steps, width))
+        sizes = chunk_sizes(n_draw, chunk or getattr(sampler, "chunk", None) or default_chunk(steps, width))
         bar = None
         if progress:
             from tqdm import tqdm
             bar = tqdm(total=paths, desc=f"{type(self).__name__} {method}", unit="path", leave=False)
         try:
             for n in sizes:
-                v_left, dw, mirror = sampler(n, generator)
-                dw_perp = torch.randn(n, steps, generator=generator, dtype=torch.float64) * math.sqrt(h)
-                log_s = log_spot_at(v_left, dw, dw_perp, self.rho, h, idx)            # (M, n)
-                if antithetic:
-                    v_m, dw_m = mirror(v_left, dw)
-                    log_s = torch.stack([log_s, log_spot_at(v_m, dw_m, -dw_perp, self.rho, h, idx)], dim=1)
+                sums = SpotSums(idx, h, self.rho)
+                mirror_sums = SpotSums(idx, h, self.rho) if antithetic else None
+                for first, v_left, dw, mirror in sampler(n, generator):
+                    sums.add(first, v_left, dw)
+                    if mirror_sums is not None:
+                        v_m, dw_m = mirror(v_left, dw)
+                        mirror_sums.add(first, v_m, dw_m)
+                z = torch.randn(idx.numel(), n, generator=generator, dtype=torch.float64)   # the W⊥ parts
+                log_s = sums.log_spot(z)                                                     # (M, n)
+                if mirror_sums is not None:
+                    log_s = torch.stack([log_s, mirror_sums.log_spot(-z)], dim=1)
                 if bar is not None:
                     bar.update(2 * n if antithetic else n)
                 yield log_s
@@ -345,6 +353,9 @@ class RoughBergomi(_RoughModel):
         return torch.sqrt(2 * H) * torch.exp(torch.lgamma(H + 0.5))
 
     def _path_sampler(self, method, ts, markov):
+        """``sample(n, generator)`` → the paths as time blocks ``(first step, V at the left points (n, c), ΔW (n, c),
+        mirror)``, ``mirror(V, ΔW)`` the antithetic partner's (V, ΔW) (W → −W). The sampler's ``chunk`` attribute,
+        when set, is the number of paths per call it streams best with."""
         xi, eta = self.xi, self.eta
         if method == "exact":
             L = joint_factor(_value(self.hurst), ts[1:])
@@ -359,41 +370,54 @@ class RoughBergomi(_RoughModel):
                 yw = z @ L.T
                 y = torch.cat([yw.new_zeros(n, 1), yw[:, :N - 1]], dim=1)            # Y at the left points
                 w = torch.cat([yw.new_zeros(n, 1), yw[:, N:]], dim=1)
-                return variance(y), torch.diff(w, dim=1), lambda v, dw: (variance(-y), -dw)
+                return [(0, variance(y), torch.diff(w, dim=1), lambda v, dw: (variance(-y), -dw))]
 
             return sample
         from fracsde import volterra_sdeint
         noise = self._noise(markov["num_processes"], markov["rates"], float(ts[-1]), markov.get("max_rate"))
         omega = noise.weights                                                         # (K,), maybe with grad
         scale = self._scale()
-        sigma_t = noise.ou_covariance(ts[:-1])                                        # (N, K, K): Cov of factors
+        sigma_t = noise.ou_covariance(ts)                                             # (N + 1, K, K): factors' Cov
         var_y = scale ** 2 * torch.einsum("i,nij,j->n", omega, sigma_t, omega)       # the approximation's own
-        unit = _unit_volterra(noise)                                                  # b = 0, σ = 1: X = B̂
         factor_dtype = self._factor_dtype(markov)
 
-        def variance(y):
-            return xi * torch.exp(eta * y - 0.5 * eta * eta * var_y)
-
-        # Without a gradient and without an explicit dtype, (B̂, W) come from their joint innovations: two normals
-        # per step whatever K, instead of the K + 1 of the factor recursion (whose weights, unlike the innovations
-        # plan, carry a graph to H). An explicit dtype keeps the factor recursion either way, so that runs with
+        # Without a gradient and without an explicit dtype, (B̂, W) stream from their joint innovations
+        # (MarkovNoise.sample_blocks): two normals per step whatever K, instead of the K + 1 of the factor recursion
+        # (whose weights, unlike the innovations plan, carry a graph to H), and a time block at a time, so memory
+        # does not grow with the steps. An explicit dtype keeps the factor recursion either way, so that runs with
         # and without a gradient share their random numbers (as the pathwise-gradient checks need).
         factors = markov.get("dtype") is not None or omega.requires_grad or any(
             isinstance(v, torch.Tensor) and v.requires_grad for v in self.parameters_dict().values())
+        if factors:
+            unit = _unit_volterra(noise)                                              # b = 0, σ = 1: X = B̂
+            var_left = var_y[:-1]
 
-        def sample(n, g):
-            if factors:
+            def variance(y):
+                return xi * torch.exp(eta * y - 0.5 * eta * eta * var_left)
+
+            def sample(n, g):
                 xs, w = volterra_sdeint(unit, torch.zeros(n, 1, dtype=factor_dtype), ts, generator=g,
                                         return_brownian=True)
                 bhat, w = xs[:, :, 0].T.to(torch.float64), w[:, :, 0].T.to(torch.float64)        # (n, N + 1)
-            else:
-                bhat, w = noise.sample(ts, n, generator=g, dtype=factor_dtype, return_brownian=True,
-                                       method="innovations")
-                bhat, w = bhat.to(torch.float64), w.to(torch.float64)
-            y = scale * bhat[:, :-1]                                                  # (n, N) at the left points
-            return variance(y), torch.diff(w, dim=1), lambda v, dw: (variance(-y), -dw)
+                y = scale * bhat[:, :-1]                                              # (n, N) at the left points
+                return [(0, variance(y), torch.diff(w, dim=1), lambda v, dw: (variance(-y), -dw))]
 
-        return sample
+            return sample
+
+        # V = exp(η·scale·B̂ + log ξ − ½η² Var Y) in the factor dtype; the partner's V is ξ² e^{−η² Var Y} / V
+        level = (math.log(_value(xi)) - 0.5 * _value(eta) ** 2 * var_y).to(factor_dtype)
+        level_sq = torch.exp(2 * level.to(torch.float64)).to(factor_dtype)
+        slope = _value(eta) * float(scale)
+
+        def stream(n, g):
+            for start, bhat, dw in noise.sample_blocks(ts, n, generator=g, dtype=factor_dtype, return_brownian=True,
+                                                       left_points=True):
+                sq = level_sq[start:start + bhat.shape[1]]
+                v = torch.add(level[start:start + bhat.shape[1]], bhat, alpha=slope).exp_()    # V at the left points
+                yield start, v, dw, lambda v_, dw_, sq=sq: (sq / v_, -dw_)
+
+        stream.chunk = STREAM_CHUNK
+        return stream
 
     def smile(self, log_strikes, maturity: float, method: str = "markov", paths: int = 1 << 17,
               steps: int | None = None, generator: torch.Generator | None = None, antithetic: bool = True,
@@ -443,7 +467,8 @@ class RoughBergomi(_RoughModel):
         """(paths, len(ts) − 1) variances V at the left points of the uniform grid ``ts`` (ts[0] = 0), for checks."""
         ts = torch.as_tensor(ts, dtype=torch.float64)
         markov = self._markov_options(num_processes, rates)
-        return self._path_sampler(method, ts, markov)(paths, generator)[0]
+        blocks = self._path_sampler(method, ts, markov)(paths, generator)
+        return torch.cat([block[1].to(torch.float64) for block in blocks], dim=1)
 
 
 def _unit_volterra(noise):
@@ -515,10 +540,10 @@ class RoughHeston(_RoughModel):
             x0 = torch.as_tensor(v0, dtype=factor_dtype).reshape(1, 1).expand(n, 1)
             xs, w = volterra_sdeint(sde, x0, ts, generator=g, return_brownian=True)
             xs, w = xs.to(torch.float64), w.to(torch.float64)
-            v = xs[:-1, :, 0].T                                                      # (n, N) left points
+            v = xs[:-1, :, 0].T.clamp(min=0.0)                                       # (n, N) left points; V⁺
             dw = torch.diff(w[:, :, 0], dim=0).T
             # the variance is not linear in W: the antithetic partner mirrors only W⊥
-            return v, dw, lambda v_, dw_: (v_, dw_)
+            return [(0, v, dw, lambda v_, dw_: (v_, dw_))]
 
         return sample
 

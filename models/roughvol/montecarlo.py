@@ -4,7 +4,11 @@ Spot (S₀ = 1, zero rates), on a uniform grid t_n = n h with the variance froze
 
     log S_{n+1} = log S_n − ½ V_n h + √V_n ΔB_n,     ΔB_n = ρ ΔW_n + √(1−ρ²) ΔW⊥_n,
 
-W the Brownian motion that drives the variance, W⊥ an independent one drawn here from the same generator.
+W the Brownian motion that drives the variance, W⊥ an independent one. Given the variance path and W, the W⊥ part
+up to a maturity, √(1−ρ²) Σ √V_n ΔW⊥_n, is Gaussian with variance (1−ρ²) h Σ V_n, independently over the intervals
+between maturities; so :class:`SpotSums` draws it as one normal per maturity instead of one per step — the same law
+of (log S at the maturities) as stepping W⊥, at a fraction of the normals (the variance paths and ΔW are never
+needed beyond the running sums Σ V_n and Σ √V_n ΔW_n, so the paths can stream through in time blocks).
 
 Estimators (:class:`PriceAccumulator`): out-of-the-money payoffs (put for k < 0, call for k ≥ 0), optionally
 averaged over antithetic pairs, with the spot itself as control variate (E S_T = 1 exactly, also for every
@@ -18,7 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["log_spot_at", "PriceAccumulator", "maturity_indices"]
+__all__ = ["SpotSums", "PriceAccumulator", "maturity_indices"]
 
 
 def maturity_indices(maturities: torch.Tensor, steps: int) -> tuple[torch.Tensor, float]:
@@ -38,14 +42,68 @@ def maturity_indices(maturities: torch.Tensor, steps: int) -> tuple[torch.Tensor
     return idx, h
 
 
-def log_spot_at(v_left: torch.Tensor, dw: torch.Tensor, dw_perp: torch.Tensor, rho, h: float,
-                idx: torch.Tensor) -> torch.Tensor:
-    """log S at the grid indices ``idx`` (M,) from variances at the left points ``v_left`` (paths, N) and the
-    increments ``dw``, ``dw_perp`` (paths, N). Returns (M, paths). Negative variances are read as 0."""
-    v = v_left.clamp(min=0.0)
-    incr = -0.5 * v * h + v.sqrt() * (rho * dw + sqrt_one_minus_sq(rho) * dw_perp)
-    csum = torch.cumsum(incr, dim=1)
-    return csum[:, idx - 1].T
+class SpotSums:
+    """Running sums of the spot scheme along paths, at the maturities: fed a time block at a time.
+
+    Args:
+        idx: (M,) maturities as step counts (log S at maturity m is the sum over steps 0..idx[m] − 1).
+        h: the step.
+        rho: correlation of W and B (a number or a 0-d tensor, differentiable).
+
+    :meth:`add` takes the variances at the left points ``v`` (n, c), ≥ 0, and the increments ``dw`` (n, c) of
+    steps ``first``..``first + c − 1`` (in any dtype: a block's sums are taken in it, the running sums in float64);
+    :meth:`log_spot` turns the sums and one standard normal per maturity and path into log S (M, n).
+    """
+
+    def __init__(self, idx: torch.Tensor, h: float, rho):
+        self.idx = [int(i) for i in idx]
+        self.h = h
+        self.rho = rho
+        self.sum_v: torch.Tensor | None = None      # Σ V_n up to each maturity, (M, n) float64
+        self.sum_vw: torch.Tensor | None = None     # Σ √V_n ΔW_n
+
+    def add(self, first: int, v: torch.Tensor, dw: torch.Tensor) -> None:
+        c = v.shape[1]
+        vw = v.sqrt() * dw
+        inside = [i - first for i in self.idx if first < i < first + c]
+        if inside:                              # a maturity falls strictly inside the block: partial sums
+            cv, cw = torch.cumsum(v, dim=1), torch.cumsum(vw, dim=1)
+            tot_v, tot_w = cv[:, -1], cw[:, -1]
+        else:
+            tot_v, tot_w = v.sum(dim=1), vw.sum(dim=1)
+        rows_v, rows_w = [], []
+        for i in self.idx:
+            if i >= first + c:
+                rows_v.append(tot_v)
+                rows_w.append(tot_w)
+            elif i > first:
+                rows_v.append(cv[:, i - first - 1])
+                rows_w.append(cw[:, i - first - 1])
+            else:
+                rows_v.append(torch.zeros_like(tot_v))
+                rows_w.append(torch.zeros_like(tot_w))
+        # block sums in the block's dtype (≤ a few hundred terms: float32 keeps them to ~1e−6 relative), running
+        # sums in float64
+        add_v, add_w = torch.stack(rows_v).to(torch.float64), torch.stack(rows_w).to(torch.float64)
+        if self.sum_v is None or self.sum_vw is None:
+            self.sum_v, self.sum_vw = add_v, add_w
+        else:
+            self.sum_v, self.sum_vw = self.sum_v + add_v, self.sum_vw + add_w
+
+    def log_spot(self, z: torch.Tensor) -> torch.Tensor:
+        """log S at the maturities, (M, n), from standard normals ``z`` (M, n): the W⊥ part over the m-th interval
+        between sorted maturities is √((1−ρ²) h ΔΣV) z_m."""
+        h, rho = self.h, self.rho
+        if self.sum_v is None or self.sum_vw is None:
+            raise ValueError("SpotSums.log_spot: no steps were added")
+        drift = -0.5 * h * self.sum_v + rho * self.sum_vw
+        order = torch.argsort(torch.as_tensor(self.idx), stable=True)
+        q = self.sum_v[order] * h                                       # (M, n), sorted by maturity
+        dq = torch.diff(q, dim=0, prepend=torch.zeros_like(q[:1])).clamp(min=0.0)
+        pos = dq > 0
+        root = torch.where(pos, dq, torch.ones_like(dq)).sqrt() * pos   # √ΔQ with a finite gradient at 0
+        perp = torch.cumsum(root * z, dim=0) * sqrt_one_minus_sq(rho)
+        return drift + perp[torch.argsort(order)]
 
 
 @dataclass
