@@ -18,11 +18,14 @@ methods interleaved round by round):
    smile, with the optimal rule's uncapped rates at 64 / 256 / 1024 steps and with the default (rates capped at
    64/T) at 1024 / 2048 steps, and the share of steps where the scheme's V is negative; and the Fourier smile of the
    lifted (K-factor) model itself, which separates the kernel approximation from the scheme.
+6. Memory: the peak resident memory one smile (2^14 paths) adds, in a fresh process after a warm-up smile, at
+   256 / 1024 / 4096 steps, Markov (streamed in time blocks) and exact (Linux: reads /proc/self/status).
 
 Run:
     .venv/bin/python benchmarks/bench_roughvol.py --threads 1
     .venv/bin/python benchmarks/bench_roughvol.py --threads 1 --paths 8192 --bias-paths 65536 --repeats 1   # quick
     .venv/bin/python benchmarks/bench_roughvol.py --threads 1 --sections 3 4                               # 3 and 4
+    .venv/bin/python benchmarks/bench_roughvol.py --threads 1 --sections 6                                 # memory
 """
 from __future__ import annotations
 
@@ -50,6 +53,8 @@ class HybridBergomi(RoughBergomi):
     """
 
     def _path_sampler(self, method, ts, markov):
+        if method == "exact32":
+            return self._exact_float32(ts)
         if method != "hybrid":
             return super()._path_sampler(method, ts, markov)
         H, xi, eta = float(self.hurst), float(self.xi), float(self.eta)
@@ -76,6 +81,27 @@ class HybridBergomi(RoughBergomi):
             y = math.sqrt(2 * H) * (zz + conv)                                          # Y_1..Y_N
             y_left = torch.cat([y.new_zeros(n, 1), y[:, :-1]], dim=1)
             return [(0, variance(y_left), dw, lambda v, d: (variance(-y_left), -d))]
+
+        return sample
+
+
+    def _exact_float32(self, ts):
+        """The exact method with its normals and its product in float32 (the factor itself computed in float64 and
+        rounded): what the exact method costs at the Markov method's default precision. Not a shipped method."""
+        from models.roughvol.exact import joint_factor
+        H, xi, eta = float(self.hurst), float(self.xi), float(self.eta)
+        L = joint_factor(H, ts[1:]).to(torch.float32)
+        N = ts.numel() - 1
+        var_y = ts[:-1] ** (2 * H)
+
+        def variance(y):
+            return xi * torch.exp(eta * y - 0.5 * eta * eta * var_y)
+
+        def sample(n, g):
+            yw = (torch.randn(n, 2 * N, generator=g, dtype=torch.float32) @ L.T).double()
+            y = torch.cat([yw.new_zeros(n, 1), yw[:, :N - 1]], dim=1)
+            w = torch.cat([yw.new_zeros(n, 1), yw[:, N:]], dim=1)
+            return [(0, variance(y), torch.diff(w, dim=1), lambda v, dw: (variance(-y), -dw))]
 
         return sample
 
@@ -108,7 +134,7 @@ def main(argv=None):
     p.add_argument("--bias-paths", type=int, default=1 << 17, help="paths per smile in the bias table (table 2)")
     p.add_argument("--repeats", type=int, default=2, help="timing rounds (min is reported)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--sections", type=int, nargs="+", default=[1, 2, 3, 4], help="which tables to print")
+    p.add_argument("--sections", type=int, nargs="+", default=[1, 2, 3, 4], help="which tables to print (1-6)")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     model = HybridBergomi(**CASE)
@@ -123,21 +149,28 @@ def main(argv=None):
         calibration_table(args)
     if 5 in args.sections:
         rough_heston_table(args)
+    if 6 in args.sections:
+        memory_table(args)
 
 
 def timing_table(model, args):
-    names = ["exact"] + [f"markov K={K}" for K in args.num_processes] + ["hybrid"]
-    print(f"\n1. seconds per smile, {args.paths} paths (antithetic, control variate), min of {args.repeats}")
+    names = ["exact", "exact32"] + [f"markov K={K}" for K in args.num_processes] + ["hybrid"]
+    print(f"\n1. seconds per smile, {args.paths} paths (antithetic, control variate), min of {args.repeats}; "
+          f"exact32 = the exact method with float32 normals and product (not shipped)")
+    others = names[2:]
     print(f"{'steps':>6} " + " ".join(f"{n:>13}" for n in names) + "  " +
-          " ".join(f"{'exact/' + n.split()[-1]:>13}" for n in names[1:]))
+          " ".join(f"{'exact/' + n.split()[-1]:>13}" for n in others) + "  " +
+          " ".join(f"{'exact32/' + n.split()[-1]:>13}" for n in others))
     for n_steps in args.steps:
-        methods = {"exact": lambda s=n_steps: smile(model, "exact", args.paths, s, args.seed, None)}
+        methods = {"exact": lambda s=n_steps: smile(model, "exact", args.paths, s, args.seed, None),
+                   "exact32": lambda s=n_steps: smile(model, "exact32", args.paths, s, args.seed, None)}
         for K in args.num_processes:
             methods[f"markov K={K}"] = lambda s=n_steps, K=K: smile(model, "markov", args.paths, s, args.seed, K)
         methods["hybrid"] = lambda s=n_steps: smile(model, "hybrid", args.paths, s, args.seed, None)
         t = measure(methods, args.repeats)
         print(f"{n_steps:>6} " + " ".join(f"{t[n]:13.3f}" for n in names) + "  " +
-              " ".join(f"{t['exact'] / t[n]:13.2f}" for n in names[1:]), flush=True)
+              " ".join(f"{t['exact'] / t[n]:13.2f}" for n in others) + "  " +
+              " ".join(f"{t['exact32'] / t[n]:13.2f}" for n in others), flush=True)
 
 
 
@@ -239,6 +272,46 @@ def rough_heston_table(args):
               f"{[f'{float(x):+.4f}' for x in s.implied_vol - ref.implied_vol]} "
               f"(s.e. {[round(float(x), 4) for x in s.std_error]}), V < 0 on {float((v < 0).double().mean()):.0%} "
               f"of the steps", flush=True)
+
+
+_MEMORY_CHILD = """
+import sys, torch
+torch.set_num_threads(1)
+from models.roughvol import RoughBergomi
+
+
+def status(key):
+    for line in open("/proc/self/status"):
+        if line.startswith(key):
+            return int(line.split()[1])
+
+
+m = RoughBergomi(hurst=0.07, xi=0.235 ** 2, eta=1.9, rho=-0.9)
+k = torch.tensor([-0.1787, 0.0, 0.1041], dtype=torch.float64)
+method, steps = sys.argv[1], int(sys.argv[2])
+m.smile(k, 0.25, method=method, steps=8, paths=256)                       # warm: imports, first allocations
+with open("/proc/self/clear_refs", "w") as f:
+    f.write("5")                                                           # reset the peak (VmHWM) to the current RSS
+before = status("VmRSS")
+m.smile(k, 0.25, method=method, steps=steps, paths=1 << 14, generator=torch.Generator().manual_seed(0))
+print(status("VmHWM") - before)
+"""
+
+
+def memory_table(args):
+    """Linux only (/proc/self/clear_refs resets the peak resident set to the current one)."""
+    import subprocess
+    import sys
+
+    def peak_mb(method, steps):
+        out = subprocess.run([sys.executable, "-c", _MEMORY_CHILD, method, str(steps)], capture_output=True,
+                             text=True, check=True)
+        return int(out.stdout.strip().splitlines()[-1]) / 1024
+
+    print("\n6. peak resident memory added by one smile (2^14 paths, after a warm-up smile), MB")
+    print(f"{'steps':>6} {'markov':>8} {'exact':>8}")
+    for steps in (256, 1024, 4096):
+        print(f"{steps:>6} " + " ".join(f"{peak_mb(m, steps):8.0f}" for m in ("markov", "exact")), flush=True)
 
 
 if __name__ == "__main__":

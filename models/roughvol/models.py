@@ -124,7 +124,7 @@ class _ProjectedNoise(MarkovNoise):
 
     @property
     def weights(self) -> torch.Tensor:
-        from fracsde.rules import kernel_projection
+        from fracsde import kernel_projection
         return kernel_projection(self.hurst, self.gammas, self.horizon)
 
 
