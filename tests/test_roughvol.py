@@ -326,7 +326,7 @@ def test_spot_sums_do_not_depend_on_how_the_path_is_cut_into_blocks():
     assert torch.allclose(whole.sum_vw * -0.7 - 0.5 * h * whole.sum_v, direct, rtol=0, atol=1e-14)
     for cuts in ([5, 13, 14, 30], [1, 2, 3, 39], list(range(1, 40))):
         sums = SpotSums(idx, h, -0.7)
-        for a, b in zip([0] + cuts, cuts + [N]):
+        for a, b in zip([0] + cuts, cuts + [N], strict=True):
             sums.add(a, v[:, a:b], dw[:, a:b])
         assert torch.allclose(sums.log_spot(z), ref, rtol=0, atol=1e-13)
 
