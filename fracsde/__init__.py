@@ -7,7 +7,7 @@ from .noise import MarkovNoise
 from .reverse import ReverseTimeSDE, euler_maruyama
 from .rules import RATE_RULES, RateRule, kernel_projection, markov_rates, strong_error
 from .sde import FractionalSDE, NonFiniteStateError, StiffnessWarning, default_method, sdeint, supported_methods
-from .volterra import VolterraSDE, volterra_sdeint
+from .volterra import VolterraSDE, volterra_blocks, volterra_sdeint
 
 try:  # the installed distribution's version (pyproject.toml); a bare source tree has no metadata
     from importlib.metadata import PackageNotFoundError as _NoMetadata
@@ -34,6 +34,7 @@ __all__ = [
     "kernel_projection",
     "VolterraSDE",
     "volterra_sdeint",
+    "volterra_blocks",
     "FractionalSDE",
     "sdeint",
     "NonFiniteStateError",

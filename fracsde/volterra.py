@@ -21,7 +21,7 @@ from . import _validation as V
 from .noise import REDUCED_PRECISION_CANCELLATION, MarkovNoise, step_covariance
 from .numerics import graded_psd_factor, step_key
 
-__all__ = ["VolterraSDE", "volterra_sdeint"]
+__all__ = ["VolterraSDE", "volterra_sdeint", "volterra_blocks"]
 
 
 class VolterraSDE(nn.Module):
@@ -106,8 +106,77 @@ def volterra_sdeint(sde: VolterraSDE, x0: torch.Tensor, ts, dt: float | None = N
     Returns:
         ``xs`` of shape ``(len(ts), batch, d)``, or ``(xs, w)`` with ``return_brownian``.
 
-    Gradients flow by backpropagation through b, σ and the weights (a learnable H); memory grows with the steps.
+    Gradients flow by backpropagation through b, σ and the weights (a learnable H); memory grows with the steps
+    (:func:`volterra_blocks` streams the same solution in time blocks instead).
     """
+    ts, outputs = _solve(sde, x0, ts, dt, generator)
+    xs, ws = [x0], [x0.new_zeros(x0.shape)]
+    for _, x, w in outputs:
+        xs.append(x)
+        ws.append(w)
+    out = torch.stack(xs)
+    if check_finite:                                   # one host sync for the whole solve
+        _check_finite(out, ts, 0)
+    return (out, torch.stack(ws)) if return_brownian else out
+
+
+def volterra_blocks(sde: VolterraSDE, x0: torch.Tensor, ts, dt: float | None = None,
+                    generator: torch.Generator | None = None, block: int | None = None, check_finite: bool = True):
+    """:func:`volterra_sdeint`'s solution streamed in time blocks: memory independent of ``len(ts)``.
+
+    The same scheme, random numbers and values as ``volterra_sdeint(sde, x0, ts, dt, generator,
+    return_brownian=True)`` (bit for bit), handed out a block of output times at a time, so that a functional
+    that only accumulates along the path (a payoff's running sums) never holds the whole solution.
+
+    Args:
+        sde, x0, ts, dt, generator: as in :func:`volterra_sdeint`.
+        block: output times per block (default: about 2¹⁹ numbers of ``x`` per block, at least 1).
+        check_finite: raise ``FloatingPointError`` naming the output interval where the solution first became
+            NaN/inf (one host sync per block).
+
+    Yields:
+        ``(start, xs, ws)``: the solution and the driving Brownian motions at ``ts[start:start + c]``, each
+        ``(c, batch, d)``; the blocks cover ``ts`` in order from ``start = 0`` (``xs[0] = x0``, ``ws[0] = 0``).
+
+    Example:
+        >>> class Additive(VolterraSDE):
+        ...     def b(self, t, x): return torch.zeros_like(x)
+        ...     def sigma(self, t, x): return torch.ones_like(x)
+        >>> sde = Additive(MarkovApproxFBM(0.1, 8, rates="optimal"))
+        >>> peak = torch.zeros(4, 1)
+        >>> for start, xs, ws in volterra_blocks(sde, torch.zeros(4, 1), torch.linspace(0, 1, 1001)):
+        ...     peak = torch.maximum(peak, xs.amax(0))            # running maximum, no (1001, 4, 1) tensor
+    """
+    if block is not None and (isinstance(block, bool) or not isinstance(block, int) or block < 1):
+        raise ValueError(f"block must be a positive int (output times per block); got {block!r}")
+    ts, outputs = _solve(sde, x0, ts, dt, generator)
+    size = block or max(1, (1 << 19) // max(1, x0.numel()))
+    xs, ws, start = [x0], [x0.new_zeros(x0.shape)], 0
+    for i, x, w in outputs:
+        xs.append(x)
+        ws.append(w)
+        if len(xs) == size or i == ts.numel() - 1:
+            out = torch.stack(xs)
+            if check_finite:
+                _check_finite(out, ts, start)
+            yield start, out, torch.stack(ws)
+            start += len(xs)
+            xs, ws = [], []
+
+
+def _check_finite(out: torch.Tensor, ts: torch.Tensor, start: int) -> None:
+    """FloatingPointError naming the output interval where ``out`` (values at ts[start:]) is first non-finite."""
+    bad = ~torch.isfinite(out).flatten(1).all(1)
+    if bool(bad.any()):
+        i = start + int(bad.nonzero()[0])
+        raise FloatingPointError(f"volterra_sdeint: the solution became non-finite between t = "
+                                 f"{float(ts[max(i - 1, 0)]):g} and {float(ts[i]):g}; check b and sigma (a "
+                                 f"square-root diffusion needs x.clamp(min=0))")
+
+
+def _solve(sde: VolterraSDE, x0: torch.Tensor, ts, dt: float | None, generator):
+    """Validate, then (ts as float64, a generator of (i, x, W) at ts[i] for i = 1..len(ts) − 1) — the exponential
+    scheme of the module docstring."""
     if not isinstance(sde, VolterraSDE):
         raise TypeError(f"sde must be a VolterraSDE, got {type(sde).__name__}")
     if not isinstance(x0, torch.Tensor) or x0.dim() != 2 or x0.dtype not in (torch.float32, torch.float64):
@@ -118,6 +187,12 @@ def volterra_sdeint(sde: VolterraSDE, x0: torch.Tensor, ts, dt: float | None = N
         raise ValueError(f"ts must hold at least two times; got {ts.tolist()}")
     if dt is not None:
         dt = V.check_positive_float(dt, "dt")
+    with torch.no_grad():                              # shapes named before any work, as sdeint does
+        _check_coefficients(sde.b(float(ts[0]), x0), sde.sigma(float(ts[0]), x0), x0)
+    return ts, _steps(sde, x0, ts, dt, generator)
+
+
+def _steps(sde: VolterraSDE, x0: torch.Tensor, ts: torch.Tensor, dt: float | None, generator):
     noise = sde.noise
     dtype, device = x0.dtype, x0.device
     work = torch.float64 if (dtype != torch.float64 and noise.cancellation_of() > REDUCED_PRECISION_CANCELLATION) \
@@ -127,14 +202,11 @@ def volterra_sdeint(sde: VolterraSDE, x0: torch.Tensor, ts, dt: float | None = N
     batch, d = x0.shape
     K = gammas.numel()
     counts, steps = _grid(ts, dt)
-    ops = {}
+    ops: dict = {}
     U = x0.new_zeros(batch, d, K, dtype=work)
     W = x0.new_zeros(batch, d, dtype=work)
     x = x0
-    xs, ws = [x0], [W.to(dtype)]
     t = float(ts[0])
-    with torch.no_grad():                              # shapes named before any work, as sdeint does
-        _check_coefficients(sde.b(t, x0), sde.sigma(t, x0), x0)
     for i, (n, h) in enumerate(zip(counts, steps, strict=True)):
         key = step_key(h)
         if key not in ops:
@@ -150,14 +222,4 @@ def volterra_sdeint(sde: VolterraSDE, x0: torch.Tensor, ts, dt: float | None = N
             x = x0 + (U @ omega).to(dtype)
             t += h
         t = float(ts[i + 1])
-        xs.append(x)
-        ws.append(W.to(dtype))
-    out = torch.stack(xs)
-    if check_finite:                                   # one host sync for the whole solve
-        bad = ~torch.isfinite(out).flatten(1).all(1)
-        if bool(bad.any()):
-            i = int(bad.nonzero()[0])
-            raise FloatingPointError(f"volterra_sdeint: the solution became non-finite between t = "
-                                     f"{float(ts[i - 1]):g} and {float(ts[i]):g}; check b and sigma (a square-root "
-                                     f"diffusion needs x.clamp(min=0))")
-    return (out, torch.stack(ws)) if return_brownian else out
+        yield i + 1, x, W.to(dtype)

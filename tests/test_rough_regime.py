@@ -15,6 +15,7 @@ from fracsde import (
     markov_rates,
     sdeint,
     strong_error,
+    volterra_blocks,
     volterra_sdeint,
 )
 from fracsde.noise import step_covariance
@@ -346,6 +347,46 @@ def test_square_root_volterra_stays_well_defined():
     assert bool(torch.isfinite(xs).all()) and w.shape == xs.shape
     # E V_t solves the linear Volterra equation m = V0 + ∫K̂(t−s)(θ − λm) ds, ≈ V0 = θ/λ·… here θ − λV0 = 0.014
     assert 0.02 < float(xs[-1].mean()) < 0.08
+
+
+class _SquareRoot(VolterraSDE):
+    def b(self, t, v):
+        return 0.02 - 0.3 * v
+
+    def sigma(self, t, v):
+        return 0.3 * v.clamp(min=0).sqrt()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, F64])
+@pytest.mark.parametrize("block", [None, 1, 7, 200])
+def test_volterra_blocks_concatenate_to_the_solution_bit_for_bit(dtype, block):
+    noise = MarkovApproxFBM(0.1, 8, rates="optimal", max_rate=64.0)
+    x0, ts = torch.full((300, 2), 0.02, dtype=dtype), torch.linspace(0, 1, 65)
+    xs, ws = volterra_sdeint(_SquareRoot(noise), x0, ts, dt=0.004, generator=torch.Generator().manual_seed(5),
+                             return_brownian=True)
+    blocks = list(volterra_blocks(_SquareRoot(noise), x0, ts, dt=0.004, generator=torch.Generator().manual_seed(5),
+                                  block=block))
+    assert [b[0] for b in blocks] == [sum(b[1].shape[0] for b in blocks[:i]) for i in range(len(blocks))]
+    if block is not None:
+        assert all(b[1].shape[0] == block for b in blocks[:-1])
+    assert torch.equal(torch.cat([b[1] for b in blocks]), xs) and torch.equal(torch.cat([b[2] for b in blocks]), ws)
+
+
+def test_volterra_blocks_name_the_interval_where_the_solution_blew_up_and_refuse_a_bad_block():
+    class Explosive(VolterraSDE):
+        def b(self, t, x):
+            return torch.where(torch.tensor(t) > 0.5, x.new_tensor(float("inf")), torch.zeros_like(x))
+
+        def sigma(self, t, x):
+            return torch.zeros_like(x)
+
+    with pytest.raises(FloatingPointError, match=r"between t = 0.5\d* and 0.5\d*"):
+        for _ in volterra_blocks(Explosive(MarkovApproxFBM(0.3, 3)), torch.zeros(2, 1), torch.linspace(0, 1, 65),
+                                 block=5):
+            pass
+    with pytest.raises(ValueError, match="block must be a positive int"):
+        next(volterra_blocks(_SquareRoot(MarkovApproxFBM(0.3, 3)), torch.zeros(2, 1), torch.linspace(0, 1, 5),
+                             block=0))
 
 
 def test_volterra_and_projection_refuse_bad_input_clearly():

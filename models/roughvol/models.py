@@ -31,17 +31,20 @@ from .montecarlo import PriceAccumulator, SpotSums, chunk_sizes, default_chunk, 
 
 __all__ = ["RoughBergomi", "RoughHeston", "Smile", "MARKOV_DEFAULTS"]
 
-#: defaults of ``method="markov"`` by model (rule, K, time steps on [0, T], cap on the rates in units of 1/T).
-#: Rough Bergomi: K = 16 leaves a bias below the Monte Carlo error at 2^17 paths on McCrickerd & Pakkanen's case
-#: (K = 8: -0.0008 in vol, ~1.7 s.e.). Rough Heston: the rates capped at 64/T and 2048 steps (rate x step = 1/32),
-#: so that the left-point square-root scheme resolves every factor (at 2^17 paths, H = 0.1: within 3 s.e. + 0.001
-#: of Fourier; 1024 steps is not); uncapped rates leave a bias of +0.01 in vol at H = 0.1 whatever the steps
-#: (docs/roughvol.md). Explicit rates (a tensor) drop the cap; a rule name keeps it.
-#: paths per batch of the streaming rough Bergomi sampler (its memory does not depend on the steps: ~2 MB blocks).
+#: paths per batch of the streaming Markov samplers (their memory does not depend on the steps: ~2 MB blocks).
 STREAM_CHUNK = 1 << 13
 
+#: defaults of ``method="markov"`` by model (rule, K, time steps on [0, T], cap on the rates in units of 1/T).
+#: Rough Bergomi: K = 16 leaves a bias below the Monte Carlo error at 2^17 paths on McCrickerd & Pakkanen's case
+#: (K = 8: -0.0008 in vol, ~1.7 s.e.). Rough Heston: the optimal rule with K = 3 and its rates capped at 64/T
+#: (0.001, 3.1, 64: no cancelling weights, Σω = 8.8; the lifted model is the rough smile to 3e-5), 2048 steps
+#: (rate x step = 1/32) so that the left-point square-root scheme resolves every factor: at 2^17 paths, H = 0.1,
+#: within 3 s.e. + 0.001 of Fourier with a margin of 0.0009 (seeds 1 and 2), in 8 s on one thread. K = 8 under the
+#: same cap packs its rates between 8.5 and 64 with weights of ±1300 (float64 factor increments, 6x slower, and a
+#: larger right-wing bias); uncapped rates leave +0.01 in vol at H = 0.1 whatever the steps (docs/roughvol.md).
+#: Explicit rates (a tensor) drop the cap; a rule name keeps it.
 MARKOV_DEFAULTS = {"RoughBergomi": {"rates": "optimal", "num_processes": 16, "steps": 256},
-                   "RoughHeston": {"rates": "optimal", "num_processes": 8, "steps": 2048, "max_rate": 64.0}}
+                   "RoughHeston": {"rates": "optimal", "num_processes": 3, "steps": 2048, "max_rate": 64.0}}
 
 
 @dataclass
@@ -530,21 +533,31 @@ class RoughHeston(_RoughModel):
     def _path_sampler(self, method, ts, markov):
         if method != "markov":
             raise ValueError(f"RoughHeston Monte Carlo supports method='markov' only; got {method!r}")
-        from fracsde import volterra_sdeint
+        from fracsde import volterra_blocks
         noise = self._noise(markov["num_processes"], markov["rates"], float(ts[-1]), markov.get("max_rate"))
         sde = _heston_variance(noise, self.theta, self.lam, self.nu)
         v0 = self.v0
         factor_dtype = self._factor_dtype(markov)
 
-        def sample(n, g):
-            x0 = torch.as_tensor(v0, dtype=factor_dtype).reshape(1, 1).expand(n, 1)
-            xs, w = volterra_sdeint(sde, x0, ts, generator=g, return_brownian=True)
-            xs, w = xs.to(torch.float64), w.to(torch.float64)
-            v = xs[:-1, :, 0].T.clamp(min=0.0)                                       # (n, N) left points; V⁺
-            dw = torch.diff(w[:, :, 0], dim=0).T
-            # the variance is not linear in W: the antithetic partner mirrors only W⊥
-            return [(0, v, dw, lambda v_, dw_: (v_, dw_))]
+        def same(v_, dw_):
+            return v_, dw_          # the variance is not linear in W: the antithetic partner mirrors only W⊥
 
+        def sample(n, g):
+            # the solution streams in time blocks (fracsde.volterra_blocks): V⁺ at the left points and ΔW of each
+            # step are handed to the spot sums block by block, the step across two blocks carried over
+            x0 = torch.as_tensor(v0, dtype=factor_dtype).reshape(1, 1).expand(n, 1)
+            prev_x = prev_w = None
+            for start, xs, ws in volterra_blocks(sde, x0, ts, generator=g):
+                x, w, first = xs[:, :, 0].T, ws[:, :, 0].T, start                   # (n, c) at ts[start:start + c]
+                if prev_x is not None:
+                    x, w, first = torch.cat([prev_x, x], 1), torch.cat([prev_w, w], 1), start - 1
+                prev_x, prev_w = x[:, -1:], w[:, -1:]
+                if x.shape[1] > 1:
+                    yield first, x[:, :-1].clamp(min=0.0), torch.diff(w, dim=1), same
+
+        graded = any(isinstance(v, torch.Tensor) and v.requires_grad for v in self.parameters_dict().values())
+        if not graded:              # memory is flat in the steps without a graph to keep: large path batches
+            sample.chunk = STREAM_CHUNK
         return sample
 
     def smile(self, log_strikes, maturity: float, method: str = "fourier", paths: int = 1 << 17,
