@@ -129,7 +129,11 @@ def volterra_blocks(sde: VolterraSDE, x0: torch.Tensor, ts, dt: float | None = N
     that only accumulates along the path (a payoff's running sums) never holds the whole solution.
 
     Args:
-        sde, x0, ts, dt, generator: as in :func:`volterra_sdeint`.
+        sde: a :class:`VolterraSDE`.
+        x0: ``(batch, d)`` initial state, float32 or float64 (as in :func:`volterra_sdeint`).
+        ts: strictly increasing output times starting at the origin of the kernel.
+        dt: largest step (``None``: step on ``ts``).
+        generator: a ``torch.Generator`` for the normals.
         block: output times per block (default: about 2¹⁹ numbers of ``x`` per block, at least 1).
         check_finite: raise ``FloatingPointError`` naming the output interval where the solution first became
             NaN/inf (one host sync per block).
