@@ -352,6 +352,18 @@ def test_spot_sums_draw_the_law_of_the_stepped_scheme():
     assert bool(((cov - exact).abs() <= 5 * cov_se).all()), (cov, exact)
 
 
+def test_streamed_surface_agrees_with_the_factor_recursion_at_unsorted_maturities():
+    """Rough Bergomi's surface by the streamed joint innovations (dtype=None) against the factor recursion (float64)
+    on independent random numbers: four unsorted maturities, most of them inside a time block; Bonferroni z."""
+    model = RoughBergomi(hurst=0.1, xi=0.04, eta=1.9, rho=-0.9)
+    k = torch.linspace(-0.3, 0.2, 6, dtype=torch.float64)
+    mats = torch.tensor([0.25, 0.5, 1.0, 0.75], dtype=torch.float64)
+    a, sa = model.surface(k, mats, paths=1 << 13, steps=64, generator=torch.Generator().manual_seed(0), dtype=None)
+    b, sb = model.surface(k, mats, paths=1 << 13, steps=64, generator=torch.Generator().manual_seed(1))
+    z = (a - b) / (sa ** 2 + sb ** 2).sqrt()
+    assert float(z.abs().max()) <= bonferroni_z(z.numel()), z
+
+
 # ------------------------------------------------------------------------------------------------ calibration
 def test_calibration_recovers_parameters_from_a_distant_start(capsys):
     # the surface is priced by the same Markov pricer with the same random numbers as the calibration, so the
