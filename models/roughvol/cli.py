@@ -88,7 +88,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "when it starts with a minus (default: -0.3:0.2:11)")
     s.add_argument("--paths", type=positive_int, default=1 << 16, help="Monte Carlo paths")
     s.add_argument("--steps", type=positive_int, default=None,
-                   help="time steps (Monte Carlo; default 256) or Adams grid (fourier; default 256)")
+                   help="time steps (Monte Carlo; default: 256, but 2048 for rheston markov, whose square-root "
+                        "scheme needs them) or Adams grid (fourier; default 256)")
     s.add_argument("--num-processes", type=positive_int, default=None,
                    help="markov: K, the number of OU factors (default: the model's, see MARKOV_DEFAULTS)")
     s.add_argument("--seed", type=int, default=0, help="random seed")

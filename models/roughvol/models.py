@@ -432,9 +432,10 @@ class RoughBergomi(_RoughModel):
         Args:
             log_strikes: (S,) log-strikes k.
             maturity: T > 0 in years.
-            method: ``"markov"`` (Markov approximation of Y, fracsde's exact factor sampler; cost O(N K²) per path)
-                or ``"exact"`` (Cholesky of the joint law of (Y, W) on the grid; O(N²) per path). Both use the same
-                spot scheme, so on the same grid they differ only by the approximation of Y.
+            method: ``"markov"`` (Markov approximation of Y, sampled exactly on the grid: without a gradient,
+                (B̂, W) stream from their joint innovations, O(N) per path and memory flat in N; with one, the factor
+                recursion, O(N K²)) or ``"exact"`` (Cholesky of the joint law of (Y, W) on the grid; O(N²) per path).
+                Both use the same spot scheme, so on the same grid they differ only by the approximation of Y.
             paths: number of paths (pairs count twice with ``antithetic``).
             steps: equal time steps on [0, T] (default: 256 for markov, 256 for exact).
             generator: a ``torch.Generator`` (fixed seed = common random numbers).
@@ -443,12 +444,13 @@ class RoughBergomi(_RoughModel):
             num_processes: K of the Markov rule (default :data:`MARKOV_DEFAULTS`).
             rates: the Markov rule's rates: a rule name of :func:`fracsde.markov_rates` or explicit rates (default
                 :data:`MARKOV_DEFAULTS`).
-            chunk: paths per batch (default: about 64 MB of work space; memory is bounded by it, not by paths).
+            chunk: paths per batch (default: :data:`STREAM_CHUNK` when the paths stream, else about 64 MB of work
+                space; memory is bounded by it, not by paths).
             progress: show a tqdm progress bar.
             dtype: of the Markov factor paths (default: float64 when a parameter requires a gradient, else float32,
                 whose normals are 4x cheaper; the spot and the payoffs are float64 either way). Without a gradient
-                and without ``dtype``, (Y, W) are drawn from their joint innovations (``MarkovNoise.sample(...,
-                return_brownian=True, method="innovations")``: 2 normals per step instead of K + 1); an explicit
+                and without ``dtype``, (Y, W) stream from their joint innovations (``MarkovNoise.sample_blocks(...,
+                return_brownian=True, left_points=True)``: 2 normals per step instead of K + 1); an explicit
                 ``dtype`` keeps the factor recursion, so runs with and without a gradient share random numbers.
             max_rate: cap on a rule's rates in units of 1/T (default: the model's, :data:`MARKOV_DEFAULTS`; rough
                 Heston needs one, see docs/roughvol.md); ignored for explicit rates.
@@ -573,7 +575,7 @@ class RoughHeston(_RoughModel):
             maturity: T > 0 in years.
             method: ``"fourier"`` (fractional Riccati by the Adams scheme + Lewis' formula; ``steps`` defaults to 256,
                 Richardson-extrapolated with 512) or ``"markov"`` (Monte Carlo through
-                :func:`fracsde.volterra_sdeint`; defaults: K = 8, rates capped at 64/T, 2048 steps — uncapped rates
+                :func:`fracsde.volterra_blocks`; defaults: K = 3, rates capped at 64/T, 2048 steps — uncapped rates
                 leave a bias of +0.01 in vol at H = 0.1, see docs/roughvol.md).
             paths: as in :meth:`RoughBergomi.smile`.
             generator: as in :meth:`RoughBergomi.smile`.
