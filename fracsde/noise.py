@@ -538,15 +538,16 @@ class MarkovNoise(nn.Module):
                 for a process driven by B̂ and a Brownian motion correlated with W consumes; the increments come
                 from the float64 plan, not from differences of rounded W values).
 
-        Yields:
-            ``(start, paths)`` — or ``(start, paths, brownian)`` with ``return_brownian`` — where ``paths`` and
-            ``brownian`` are ``(batch_size, c)`` tensors of B̂ and W on ``ts[start:start + c]`` (with
+        Returns:
+            An iterator of ``(start, paths)`` — or ``(start, paths, brownian)`` with ``return_brownian`` — where
+            ``paths`` and ``brownian`` are ``(batch_size, c)`` tensors of B̂ and W on ``ts[start:start + c]`` (with
             ``left_points``: B̂ at ``ts[start:start + c]`` and W(ts[j + 1]) − W(ts[j]) for those j); the blocks cover
             the grid in order from ``start = 0``. Each block is a new tensor (it stays valid after the next one)
             and may be a transposed view of time-major storage.
 
         Raises:
-            ValueError: ``left_points`` without ``return_brownian``, or with ts[0] ≠ 0.
+            ValueError: ``left_points`` without ``return_brownian``, or with ts[0] ≠ 0 (when called, before any
+                block is drawn).
 
         Example:
             >>> noise = MarkovNoise([0.5, 4.0], [1.0, -0.3])
@@ -561,6 +562,11 @@ class MarkovNoise(nn.Module):
         if left_points and not bool(ts64[0] == 0):
             raise ValueError(f"left_points=True needs a grid starting at 0 (its steps are the steps of ts); got "
                              f"ts[0] = {float(ts64[0]):g}")
+        # checked above when called, streamed below when iterated
+        return self._stream_blocks(ts64, batch_size, generator, dtype, out_dtype, device, return_brownian,
+                                   left_points)
+
+    def _stream_blocks(self, ts64, batch_size, generator, dtype, out_dtype, device, return_brownian, left_points):
         offset = 1 if (bool(ts64[0] == 0) and not left_points) else 0
         first = True
         for s0, _, parts in self._innovation_blocks(ts64, batch_size, generator, dtype, device,

@@ -116,7 +116,7 @@ def volterra_sdeint(sde: VolterraSDE, x0: torch.Tensor, ts, dt: float | None = N
         ws.append(w)
     out = torch.stack(xs)
     if check_finite:                                   # one host sync for the whole solve
-        _check_finite(out, ts, 0)
+        _check_finite(out, ts, 0, "volterra_sdeint")
     return (out, torch.stack(ws)) if return_brownian else out
 
 
@@ -138,9 +138,14 @@ def volterra_blocks(sde: VolterraSDE, x0: torch.Tensor, ts, dt: float | None = N
         check_finite: raise ``FloatingPointError`` naming the output interval where the solution first became
             NaN/inf (one host sync per block).
 
-    Yields:
-        ``(start, xs, ws)``: the solution and the driving Brownian motions at ``ts[start:start + c]``, each
-        ``(c, batch, d)``; the blocks cover ``ts`` in order from ``start = 0`` (``xs[0] = x0``, ``ws[0] = 0``).
+    Returns:
+        An iterator of ``(start, xs, ws)``: the solution and the driving Brownian motions at
+        ``ts[start:start + c]``, each ``(c, batch, d)``; the blocks cover ``ts`` in order from ``start = 0``
+        (``xs[0] = x0``, ``ws[0] = 0``).
+
+    Raises:
+        ValueError / TypeError: a bad ``block`` or an input :func:`volterra_sdeint` refuses — when called, before
+            any step.
 
     Example:
         >>> class Additive(VolterraSDE):
@@ -153,8 +158,12 @@ def volterra_blocks(sde: VolterraSDE, x0: torch.Tensor, ts, dt: float | None = N
     """
     if block is not None and (isinstance(block, bool) or not isinstance(block, int) or block < 1):
         raise ValueError(f"block must be a positive int (output times per block); got {block!r}")
-    ts, outputs = _solve(sde, x0, ts, dt, generator)
-    size = block or max(1, (1 << 19) // max(1, x0.numel()))
+    ts, outputs = _solve(sde, x0, ts, dt, generator)            # validated when called, solved when iterated
+    return _grouped(x0, ts, outputs, block or max(1, (1 << 19) // max(1, x0.numel())), check_finite)
+
+
+def _grouped(x0: torch.Tensor, ts: torch.Tensor, outputs, size: int, check_finite: bool):
+    """The solver's outputs (i, x, W) stacked ``size`` output times at a time, x0 and W = 0 first."""
     xs, ws, start = [x0], [x0.new_zeros(x0.shape)], 0
     for i, x, w in outputs:
         xs.append(x)
@@ -162,18 +171,18 @@ def volterra_blocks(sde: VolterraSDE, x0: torch.Tensor, ts, dt: float | None = N
         if len(xs) == size or i == ts.numel() - 1:
             out = torch.stack(xs)
             if check_finite:
-                _check_finite(out, ts, start)
+                _check_finite(out, ts, start, "volterra_blocks")
             yield start, out, torch.stack(ws)
             start += len(xs)
             xs, ws = [], []
 
 
-def _check_finite(out: torch.Tensor, ts: torch.Tensor, start: int) -> None:
+def _check_finite(out: torch.Tensor, ts: torch.Tensor, start: int, who: str) -> None:
     """FloatingPointError naming the output interval where ``out`` (values at ts[start:]) is first non-finite."""
     bad = ~torch.isfinite(out).flatten(1).all(1)
     if bool(bad.any()):
         i = start + int(bad.nonzero()[0])
-        raise FloatingPointError(f"volterra_sdeint: the solution became non-finite between t = "
+        raise FloatingPointError(f"{who}: the solution became non-finite between t = "
                                  f"{float(ts[max(i - 1, 0)]):g} and {float(ts[i]):g}; check b and sigma (a "
                                  f"square-root diffusion needs x.clamp(min=0))")
 

@@ -218,10 +218,13 @@ def test_left_point_blocks_are_the_grid_values_and_increments(dtype):
 
 def test_left_points_refuse_what_they_cannot_do():
     noise = MarkovNoise([0.5, 4.0], [1.0, -0.3])
+    # refused when called, before any block is drawn (not at the first next())
     with pytest.raises(ValueError, match="return_brownian=True"):
-        next(noise.sample_blocks(torch.linspace(0, 1, 5), 2, left_points=True))
+        noise.sample_blocks(torch.linspace(0, 1, 5), 2, left_points=True)
     with pytest.raises(ValueError, match=r"ts\[0\] = 0.5"):
-        next(noise.sample_blocks(torch.linspace(0.5, 1, 5), 2, return_brownian=True, left_points=True))
+        noise.sample_blocks(torch.linspace(0.5, 1, 5), 2, return_brownian=True, left_points=True)
+    with pytest.raises(ValueError, match="batch_size"):
+        noise.sample_blocks(torch.linspace(0, 1, 5), 0)
 
 
 def test_cast_operators_have_no_denormals():

@@ -380,13 +380,14 @@ def test_volterra_blocks_name_the_interval_where_the_solution_blew_up_and_refuse
         def sigma(self, t, x):
             return torch.zeros_like(x)
 
-    with pytest.raises(FloatingPointError, match=r"between t = 0.5\d* and 0.5\d*"):
+    with pytest.raises(FloatingPointError, match=r"volterra_blocks: .* between t = 0.5\d* and 0.5\d*"):
         for _ in volterra_blocks(Explosive(MarkovApproxFBM(0.3, 3)), torch.zeros(2, 1), torch.linspace(0, 1, 65),
                                  block=5):
             pass
-    with pytest.raises(ValueError, match="block must be a positive int"):
-        next(volterra_blocks(_SquareRoot(MarkovApproxFBM(0.3, 3)), torch.zeros(2, 1), torch.linspace(0, 1, 5),
-                             block=0))
+    with pytest.raises(ValueError, match="block must be a positive int"):                # when called
+        volterra_blocks(_SquareRoot(MarkovApproxFBM(0.3, 3)), torch.zeros(2, 1), torch.linspace(0, 1, 5), block=0)
+    with pytest.raises(ValueError, match="x0 must be a float32/float64 tensor"):
+        volterra_blocks(_SquareRoot(MarkovApproxFBM(0.3, 3)), torch.zeros(2), torch.linspace(0, 1, 5))
 
 
 def test_volterra_and_projection_refuse_bad_input_clearly():

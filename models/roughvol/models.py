@@ -193,16 +193,16 @@ class _RoughModel:
         try:
             for n in sizes:
                 sums = SpotSums(idx, h, self.rho)
-                mirror_sums = SpotSums(idx, h, self.rho) if antithetic else None
+                partner = SpotSums(idx, h, self.rho) if antithetic else None
                 for first, v_left, dw, mirror in sampler(n, generator):
                     sums.add(first, v_left, dw)
-                    if mirror_sums is not None:
-                        v_m, dw_m = mirror(v_left, dw)
-                        mirror_sums.add(first, v_m, dw_m)
+                    if partner is not None and mirror is not None:
+                        partner.add(first, *mirror(v_left, dw))
                 z = torch.randn(idx.numel(), n, generator=generator, dtype=torch.float64)   # the W⊥ parts
                 log_s = sums.log_spot(z)                                                     # (M, n)
-                if mirror_sums is not None:
-                    log_s = torch.stack([log_s, mirror_sums.log_spot(-z)], dim=1)
+                if partner is not None:
+                    partner = partner if partner.sum_v is not None else sums   # mirror None: the same V and ΔW
+                    log_s = torch.stack([log_s, partner.log_spot(-z)], dim=1)
                 if bar is not None:
                     bar.update(2 * n if antithetic else n)
                 yield log_s
@@ -357,8 +357,9 @@ class RoughBergomi(_RoughModel):
 
     def _path_sampler(self, method, ts, markov):
         """``sample(n, generator)`` → the paths as time blocks ``(first step, V at the left points (n, c), ΔW (n, c),
-        mirror)``, ``mirror(V, ΔW)`` the antithetic partner's (V, ΔW) (W → −W). The sampler's ``chunk`` attribute,
-        when set, is the number of paths per call it streams best with."""
+        mirror)``, ``mirror(V, ΔW)`` the antithetic partner's (V, ΔW) (W → −W; None: the partner has the same V and
+        ΔW and mirrors only W⊥). The sampler's ``chunk`` attribute, when set, is the number of paths per call it
+        streams best with."""
         xi, eta = self.xi, self.eta
         if method == "exact":
             L = joint_factor(_value(self.hurst), ts[1:])
@@ -541,9 +542,6 @@ class RoughHeston(_RoughModel):
         v0 = self.v0
         factor_dtype = self._factor_dtype(markov)
 
-        def same(v_, dw_):
-            return v_, dw_          # the variance is not linear in W: the antithetic partner mirrors only W⊥
-
         def sample(n, g):
             # the solution streams in time blocks (fracsde.volterra_blocks): V⁺ at the left points and ΔW of each
             # step are handed to the spot sums block by block, the step across two blocks carried over
@@ -555,7 +553,8 @@ class RoughHeston(_RoughModel):
                     x, w, first = torch.cat([prev_x, x], 1), torch.cat([prev_w, w], 1), start - 1
                 prev_x, prev_w = x[:, -1:], w[:, -1:]
                 if x.shape[1] > 1:
-                    yield first, x[:, :-1].clamp(min=0.0), torch.diff(w, dim=1), same
+                    # mirror None: V is not odd in W, so the antithetic partner mirrors only W⊥
+                    yield first, x[:, :-1].clamp(min=0.0), torch.diff(w, dim=1), None
 
         graded = any(isinstance(v, torch.Tensor) and v.requires_grad for v in self.parameters_dict().values())
         if not graded:              # memory is flat in the steps without a graph to keep: large path batches

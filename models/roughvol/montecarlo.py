@@ -65,8 +65,7 @@ class SpotSums:
     def add(self, first: int, v: torch.Tensor, dw: torch.Tensor) -> None:
         c = v.shape[1]
         vw = v.sqrt() * dw
-        inside = [i - first for i in self.idx if first < i < first + c]
-        if inside:                              # a maturity falls strictly inside the block: partial sums
+        if any(first < i < first + c for i in self.idx):     # a maturity strictly inside the block: partial sums
             cv, cw = torch.cumsum(v, dim=1), torch.cumsum(vw, dim=1)
             tot_v, tot_w = cv[:, -1], cw[:, -1]
         else:
