@@ -20,12 +20,17 @@ methods interleaved round by round):
    lifted (K-factor) model itself, which separates the kernel approximation from the scheme.
 6. Memory: the peak resident memory one smile (2^14 paths) adds, in a fresh process after a warm-up smile, at
    256 / 1024 / 4096 steps, Markov (streamed in time blocks) and exact (Linux: reads /proc/self/status).
+7. Where a Markov smile's time goes (torch.profiler, 512 steps, K = 16, 2^14 paths: share of the self time by op);
+   the smile's time by the joint plan's steps per block (8 / 16 / 32); and what operator entries below float32's
+   smallest normal number cost: the joint plan's block products at 2048 steps with the float32 operators as the
+   library casts them (denormals flushed to 0) against the plain cast.
 
 Run:
     .venv/bin/python benchmarks/bench_roughvol.py --threads 1
     .venv/bin/python benchmarks/bench_roughvol.py --threads 1 --paths 8192 --bias-paths 65536 --repeats 1   # quick
     .venv/bin/python benchmarks/bench_roughvol.py --threads 1 --sections 3 4                               # 3 and 4
     .venv/bin/python benchmarks/bench_roughvol.py --threads 1 --sections 6                                 # memory
+    .venv/bin/python benchmarks/bench_roughvol.py --threads 1 --sections 7                                 # profile
 """
 from __future__ import annotations
 
@@ -134,7 +139,7 @@ def main(argv=None):
     p.add_argument("--bias-paths", type=int, default=1 << 17, help="paths per smile in the bias table (table 2)")
     p.add_argument("--repeats", type=int, default=2, help="timing rounds (min is reported)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--sections", type=int, nargs="+", default=[1, 2, 3, 4], help="which tables to print (1-6)")
+    p.add_argument("--sections", type=int, nargs="+", default=[1, 2, 3, 4], help="which tables to print (1-7)")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     model = HybridBergomi(**CASE)
@@ -151,6 +156,8 @@ def main(argv=None):
         rough_heston_table(args)
     if 6 in args.sections:
         memory_table(args)
+    if 7 in args.sections:
+        profile_table(model, args)
 
 
 def timing_table(model, args):
@@ -274,6 +281,48 @@ def rough_heston_table(args):
               f"{[f'{float(x):+.4f}' for x in s.implied_vol - ref.implied_vol]} "
               f"(s.e. {[round(float(x), 4) for x in s.std_error]}), V ≤ 0 (truncated) on "
               f"{float((v <= 0).double().mean()):.0%} of the steps", flush=True)
+    print("  Abi Jaber's implicit factor step (tried, not adopted), K = 8, uncapped rates:")
+    for steps in (64, 256, 1024):
+        implicit = model.replace()
+        implicit._path_sampler = implicit_heston_sampler(implicit, uncapped, 1.0)
+        s = implicit.smile(k, 1.0, method="markov", paths=paths, steps=steps,
+                           generator=torch.Generator().manual_seed(1))
+        print(f"{'implicit step':>22}, {steps:>5} steps: Markov - Fourier "
+              f"{[f'{float(x):+.4f}' for x in s.implied_vol - ref.implied_vol]} "
+              f"(s.e. {[round(float(x), 4) for x in s.std_error]})", flush=True)
+
+
+def implicit_heston_sampler(model, rates, horizon):
+    """The lifted rough Heston variance by Abi Jaber's (2019) scheme, for comparison: θ enters through the exact
+    g₀(t) = V₀ + θ ∫₀ᵗ K̂, the factors take an implicit step in their mean reversion,
+    U ← (U − λV h + ν√V⁺ ΔW) / (1 + γh), V = g₀ + ωᵀU — one normal per step whatever K. Weights: the L² projection.
+    Returns a ``_path_sampler`` replacement yielding one block (V⁺ at the left points, ΔW, mirror None)."""
+    from fracsde import kernel_projection
+
+    g = torch.as_tensor(rates, dtype=torch.float64)
+    w = kernel_projection(float(model.hurst), g, horizon).double()
+    v0, theta, lam, nu = (float(getattr(model, n)) for n in ("v0", "theta", "lam", "nu"))
+
+    def path_sampler(method, ts, markov):
+        N = ts.numel() - 1
+        h = float(ts[1] - ts[0])
+        g0 = v0 + theta * ((-torch.expm1(-g[None, :] * ts[:, None]) / g[None, :]) @ w)
+        denom = 1 + g * h
+
+        def sample(n, gen):
+            dw = torch.randn(n, N, generator=gen, dtype=torch.float64) * math.sqrt(h)
+            U = torch.zeros(n, g.numel(), dtype=torch.float64)
+            V = torch.full((n,), v0, dtype=torch.float64)
+            vs = torch.empty(n, N, dtype=torch.float64)
+            for i in range(N):
+                vs[:, i] = V.clamp(min=0.0)
+                U = (U + (-lam * V * h + nu * vs[:, i].sqrt() * dw[:, i])[:, None]) / denom
+                V = g0[i + 1] + U @ w
+            return [(0, vs, dw, None)]
+
+        return sample
+
+    return path_sampler
 
 
 _MEMORY_CHILD = """
@@ -314,6 +363,54 @@ def memory_table(args):
     print(f"{'steps':>6} {'markov':>8} {'exact':>8}")
     for steps in (256, 1024, 4096):
         print(f"{steps:>6} " + " ".join(f"{peak_mb(m, steps):8.0f}" for m in ("markov", "exact")), flush=True)
+
+
+def profile_table(model, args):
+    from torch.profiler import ProfilerActivity, profile
+
+    from fracsde.noise import JOINT_INNOVATION_BLOCK, _joint_innovations_plan
+
+    smile(model, "markov", args.paths, 512, args.seed, 16)                       # warm: plan built and cast
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        smile(model, "markov", args.paths, 512, args.seed, 16)
+    events = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
+    total = sum(e.self_cpu_time_total for e in events)
+    print(f"\n7. share of a Markov smile's self time (512 steps, K = 16, {args.paths} paths):")
+    for e in events[:6]:
+        print(f"  {e.key:>16} {e.self_cpu_time_total / total:6.1%}")
+    import fracsde.noise as noise_module
+
+    default = noise_module.JOINT_INNOVATION_BLOCK
+    print(f"  Markov smile (K = 16, {args.paths} paths) by the joint plan's steps per block, min of {args.repeats}:")
+    for n_steps in (512, 2048):
+        def with_block(block, n_steps=n_steps):
+            noise_module.JOINT_INNOVATION_BLOCK = block
+            try:
+                return smile(model, "markov", args.paths, n_steps, args.seed, 16)
+            finally:
+                noise_module.JOINT_INNOVATION_BLOCK = default
+        t = measure({b: (lambda b=b: with_block(b)) for b in (8, 16, 32)}, args.repeats)
+        print(f"  {n_steps:>5} steps: " + ", ".join(f"{b} steps {t[b]:.3f} s" for b in (8, 16, 32)), flush=True)
+    steps, batch = 2048, 1 << 13
+    ts = torch.linspace(0.0, T, steps + 1, dtype=torch.float64)
+    noise = model._noise(16, "optimal", T)
+    tiny = torch.finfo(torch.float32).tiny
+    print(f"  joint plan at {steps} steps, float32 operators, {batch} paths: block products with the operator as "
+          f"the library casts it (denormals flushed) and as a plain cast")
+    for block in sorted({JOINT_INNOVATION_BLOCK, 32}):
+        plan = _joint_innovations_plan(ts, noise.gammas.double(), noise.weights.double(), "type2", block, True)
+        for name in ("apply", "rest"):
+            op = plan[name]
+            plain = op.to(torch.float32)
+            flushed = torch.where(op.abs() < tiny, 0.0, op).to(torch.float32)
+            denormal = int(((plain != 0) & (plain.abs() < tiny)).sum())
+            z = torch.randn(1, op.shape[2], batch, dtype=torch.float32)
+            t = measure({"flushed": lambda f=flushed, z=z: [torch.bmm(f[b:b + 1], z) for b in range(f.shape[0])],
+                         "plain": lambda p=plain, z=z: [torch.bmm(p[b:b + 1], z) for b in range(p.shape[0])]},
+                        args.repeats)
+            print(f"  {block:>2}-step blocks, {name:>5} ({tuple(op.shape)}): {denormal:4d} denormal entries; "
+                  f"flushed {t['flushed']:.3f} s, plain {t['plain']:.3f} s, plain / flushed "
+                  f"{t['plain'] / t['flushed']:.2f}", flush=True)
 
 
 if __name__ == "__main__":

@@ -43,9 +43,8 @@ SAMPLE_METHODS = ("auto", "innovations", "state")
 #: and small products, 64+ for the C² flops).
 INNOVATION_BLOCK = 32
 
-#: Steps per block of the joint (B̂, W) innovations sampler (2C normals per block): 16 measured faster than 32
-#: (rough Bergomi smile, K = 16, 512 steps, one thread), the block products' flops falling faster than the
-#: per-block work grows.
+#: Steps per block of the joint (B̂, W) innovations sampler (2C normals per block): 8, 16 and 32 price a rough
+#: Bergomi smile within 12 % of each other (benchmarks/bench_roughvol.py --sections 7; K = 16, one thread).
 JOINT_INNOVATION_BLOCK = 16
 
 #: Plans of the innovations samplers kept (module-wide, keyed by grid, rates, weights, kind and block).
@@ -662,8 +661,9 @@ class MarkovNoise(nn.Module):
         cast = plan["cast"].get((dtype, device))
         if cast is None:
             # entries below the dtype's smallest normal number are flushed to 0 (they weigh < 1e−38 of a path in
-            # float32): a denormal in an operator makes every product with it slow (measured: the joint plan at
-            # 2048 steps has a few hundred in float32, and its block products ran 2× slower)
+            # float32): a denormal in an operator slows every product with it (benchmarks/bench_roughvol.py
+            # --sections 7: the float32 joint plan at 2048 steps has 128; unflushed, its products ran 1.05–1.36×
+            # slower)
             tiny = torch.finfo(dtype).tiny
             cast = {name: torch.where(x.abs() < tiny, 0.0, x).to(device=device, dtype=dtype)
                     for name, x in plan.items() if isinstance(x, torch.Tensor)}
